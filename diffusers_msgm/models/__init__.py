@@ -1,0 +1,10 @@
+from .conversion import score_model_config_from_scheduler, score_model_from_diffusers_pipeline
+from .score_model import PREDICTION_TYPES, ScoreModel, ScoreModelOutput
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "ScoreModel",
+    "ScoreModelOutput",
+    "score_model_config_from_scheduler",
+    "score_model_from_diffusers_pipeline",
+]

@@ -1,0 +1,176 @@
+"""``ScoreModel``: a diffusers UNet seen as the score s(x, t) = grad_x log p_t(x) of a continuous-time SDE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import diffusers
+import torch
+from accelerate import init_empty_weights
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+
+from ..sde import SDE, SDE_TYPES, get_sde
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+@dataclass
+class ScoreModelOutput(BaseOutput):
+    """Output of :class:`ScoreModel`.
+
+    Args:
+        score (`torch.Tensor` of shape `(batch, channels, height, width)`): the model's estimate of
+            grad_x log p_t(x) at the given sample and time.
+    """
+
+    score: torch.Tensor
+
+
+class ScoreModel(ModelMixin, ConfigMixin):
+    r"""Wraps a diffusers UNet so that ``model(x, t).score`` is the score of the SDE marginal p_t at continuous t.
+
+    Conversions from the UNet output ``out`` with ``x_t = alpha_t x_0 + sigma_t eps`` (``marginal_coefficients``):
+
+    * ``epsilon``:      s = -out / sigma_t
+    * ``v_prediction``: eps = (sigma_t x + alpha_t v) / (alpha_t^2 + sigma_t^2), then s = -eps / sigma_t
+    * ``sample``:       eps = (x - alpha_t out) / sigma_t, then s = -eps / sigma_t
+    * ``score``:        s = out (NCSN++ / ``ScoreSdeVePipeline`` weights)
+
+    The UNet's time input is ``t * (num_train_timesteps - 1)`` for the VP and sub-VP SDEs (score_sde's convention
+    for DDPM checkpoints) and ``sigma(t)`` for the VE SDE (the convention of diffusers' ``ScoreSdeVePipeline``).
+    A UNet with ``out_channels == 2 * in_channels`` (learned variance) is used through its first half.
+
+    Args:
+        unet_config (`dict`): config of the wrapped UNet (as in its ``config.json``).
+        unet_class (`str`): ``"UNet2DModel"`` or ``"UNet2DConditionModel"``.
+        sde_type (`str`): ``"vp"``, ``"subvp"`` or ``"ve"``.
+        beta_min, beta_max (`float`): VP / sub-VP parameters.
+        sigma_min, sigma_max (`float`): VE parameters.
+        prediction_type (`str`): what the UNet predicts, one of ``PREDICTION_TYPES``.
+        num_train_timesteps (`int`): number of discrete steps the UNet's time labels were trained on.
+        centered_data (`bool`): data lives in [-1, 1] (DDPM) if True, in [0, 1] (score_sde VE) if False.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        unet_class: str = "UNet2DModel",
+        sde_type: str = "vp",
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        prediction_type: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        centered_data: bool = True,
+    ):
+        super().__init__()
+        if sde_type not in SDE_TYPES:
+            raise ValueError(f"`sde_type` must be one of {SDE_TYPES}, got {sde_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if unet_class not in UNET_CLASSES:
+            raise ValueError(f"`unet_class` must be one of {UNET_CLASSES}, got {unet_class!r}")
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"`num_train_timesteps` must be an int >= 2, got {num_train_timesteps!r}")
+        in_ch, out_ch = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
+        if out_ch not in (in_ch, 2 * in_ch):
+            raise ValueError(
+                f"`unet_config` has in_channels={in_ch} and out_channels={out_ch}; a score model needs "
+                "out_channels == in_channels (or 2 * in_channels for learned-variance DDPMs)"
+            )
+        unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+        self.unet = getattr(diffusers, unet_class).from_config(unet_config)
+        self._sde = get_sde(sde_type, beta_min=beta_min, beta_max=beta_max, sigma_min=sigma_min, sigma_max=sigma_max)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unet(
+        cls,
+        unet: Union[diffusers.UNet2DModel, diffusers.UNet2DConditionModel],
+        sde_type: str = "vp",
+        prediction_type: str = "epsilon",
+        **config: Any,
+    ) -> ScoreModel:
+        """Wrap an existing UNet (its weights are shared, not copied)."""
+        if type(unet).__name__ not in UNET_CLASSES:
+            raise ValueError(f"`unet` must be one of {UNET_CLASSES}, got {type(unet).__name__}")
+        with init_empty_weights():
+            model = cls(
+                unet_config={k: v for k, v in unet.config.items() if not k.startswith("_")},
+                unet_class=type(unet).__name__,
+                sde_type=sde_type,
+                prediction_type=prediction_type,
+                **config,
+            )
+        model.unet = unet
+        return model
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def sde(self) -> SDE:
+        """The forward SDE this score belongs to."""
+        return self._sde
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the samples the UNet was built for."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, height, width)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.config.unet_class == "UNet2DConditionModel"
+
+    def time_input(self, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's time label for continuous ``t``: sigma(t) (VE) or t * (N - 1) (VP, sub-VP)."""
+        if self.config.sde_type == "ve":
+            return self._sde.marginal_coefficients(t)[1]
+        return t * (self.config.num_train_timesteps - 1)
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, sample: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
+        if sample.ndim != 4:
+            raise ValueError(f"`sample` must have shape (batch, channels, height, width), got {tuple(sample.shape)}")
+        if sample.shape[1] != self.unet.config.in_channels:
+            raise ValueError(
+                f"`sample` has {sample.shape[1]} channels but the UNet expects {self.unet.config.in_channels}"
+            )
+        t = torch.as_tensor(t, device=sample.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(sample.shape[0])
+        if t.ndim != 1 or t.shape[0] != sample.shape[0]:
+            raise ValueError(f"`t` must be a float or have shape (batch,)=({sample.shape[0]},), got {tuple(t.shape)}")
+        if bool(((t <= 0) | (t > self._sde.T)).any()):
+            raise ValueError(f"`t` must lie in (0, {self._sde.T}], got values in [{t.min():.3g}, {t.max():.3g}]")
+        return t
+
+    def forward(
+        self, sample: torch.Tensor, t: Union[float, torch.Tensor], return_dict: bool = True, **cond: Any
+    ) -> Union[ScoreModelOutput, tuple[torch.Tensor]]:
+        """Score at ``(sample, t)``; ``cond`` (e.g. ``encoder_hidden_states``, ``class_labels``) goes to the UNet."""
+        t = self._check_inputs(sample, t)
+        alpha, sigma = (c.to(sample.dtype).view(-1, 1, 1, 1) for c in self._sde.marginal_coefficients(t))
+        out = self.unet(sample, self.time_input(t).to(sample.dtype), return_dict=False, **cond)[0]
+        if out.shape[1] == 2 * sample.shape[1]:  # learned variance: keep the mean prediction
+            out = out[:, : sample.shape[1]]
+        kind = self.config.prediction_type
+        if kind == "score":
+            score = out
+        else:
+            if kind == "epsilon":
+                eps = out
+            elif kind == "v_prediction":
+                eps = (sigma * sample + alpha * out) / (alpha**2 + sigma**2)
+            else:  # "sample"
+                eps = (sample - alpha * out) / sigma
+            score = -eps / sigma
+        return ScoreModelOutput(score=score) if return_dict else (score,)

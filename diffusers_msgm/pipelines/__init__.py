@@ -1,0 +1,3 @@
+from .pipeline_msgm import MSGMPipeline
+
+__all__ = ["MSGMPipeline"]

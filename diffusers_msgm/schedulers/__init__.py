@@ -1,0 +1,3 @@
+from .scheduling_moderated_score import ModeratedScoreScheduler, ModeratedScoreSchedulerOutput
+
+__all__ = ["ModeratedScoreScheduler", "ModeratedScoreSchedulerOutput"]
