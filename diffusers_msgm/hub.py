@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import create_repo, snapshot_download, upload_folder
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
@@ -30,3 +30,23 @@ def resolve_pretrained_dir(
     if os.path.exists(name_or_path):
         raise ValueError(f"`pretrained_model_name_or_path` {name_or_path!r} is a file; expected a directory or a repo id")
     return snapshot_download(repo_id=name_or_path, allow_patterns=list(allow_patterns) if allow_patterns else None, **hub_kwargs)
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    ignore_patterns: Sequence[str] | None = None,
+    commit_message: str = "Upload moderated score model",
+) -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` (checkpoints and logs excluded by ``ignore_patterns``)."""
+    repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns or []),
+        token=token,
+    )
+    return repo_id

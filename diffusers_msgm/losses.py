@@ -77,6 +77,24 @@ def perturb(
     return mean + std * noise, t, noise, std
 
 
+@dataclass
+class NoisyBatch:
+    """A perturbed batch: model input ``x_t`` at ``time`` (continuous t or DDPM timestep), the noise and sigma_t."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    time: torch.Tensor
+    noise: torch.Tensor
+    std: torch.Tensor | None = None
+
+
+def _dsm_per_sample(score, batch: NoisyBatch, sde: SDE, reduce_mean: bool, likelihood_weighting: bool):
+    if likelihood_weighting:
+        g2 = sde.sde(torch.zeros_like(batch.x0), batch.time)[1] ** 2
+        return _reduce((score + batch.noise / batch.std) ** 2, reduce_mean) * g2.flatten()
+    return _reduce((score * batch.std + batch.noise) ** 2, reduce_mean)
+
+
 def denoising_score_matching_loss(
     score_model: torch.nn.Module,
     x0: torch.Tensor,
@@ -92,14 +110,9 @@ def denoising_score_matching_loss(
 ) -> torch.Tensor:
     """E_t E_z ||sigma_t s(x_t, t) + z||^2, or with likelihood weighting g(t)^2 ||s + z / sigma_t||^2 (eq. 7)."""
     sde = sde or score_model.sde
-    x_t, t, noise, std = perturb(x0, sde, t, noise, eps, generator)
-    score = score_model(x_t, t, **cond).score
-    if likelihood_weighting:
-        g2 = sde.sde(torch.zeros_like(x0), t)[1] ** 2
-        losses = _reduce((score + noise / std) ** 2, reduce_mean) * g2.flatten()
-    else:
-        losses = _reduce((score * std + noise) ** 2, reduce_mean)
-    return losses.mean()
+    batch = NoisyBatch(x0, *perturb(x0, sde, t, noise, eps, generator))
+    score = score_model(batch.x_t, batch.time, **cond).score
+    return _dsm_per_sample(score, batch, sde, reduce_mean, likelihood_weighting).mean()
 
 
 def msgm_forget_loss(
@@ -122,6 +135,32 @@ def msgm_forget_loss(
     return forget_term(eps_hat, noise, variant, reduce_mean).mean()
 
 
+def ddpm_noisy_batch(x0, noise_scheduler, timesteps=None, noise=None, generator=None) -> NoisyBatch:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps at integer ``timesteps`` (uniform when not given)."""
+    n = noise_scheduler.config.num_train_timesteps
+    if timesteps is None:
+        gen_device = generator.device if isinstance(generator, torch.Generator) else x0.device
+        timesteps = torch.randint(0, n, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
+    if noise is None:
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return NoisyBatch(x0, noise_scheduler.add_noise(x0, noise, timesteps), timesteps, noise)
+
+
+def ddpm_terms(out: torch.Tensor, batch: NoisyBatch, noise_scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``||out - target||^2`` (target eps or v) and the UNet's epsilon estimate eps_hat."""
+    out = out[:, : batch.x0.shape[1]]
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target, eps_hat = batch.noise, out
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(batch.x0, batch.noise, batch.time)
+        abar = noise_scheduler.alphas_cumprod.to(out.device)[batch.time].view(-1, 1, 1, 1).to(out.dtype)
+        eps_hat = abar.sqrt() * out + (1 - abar).sqrt() * batch.x_t
+    else:
+        raise ValueError(f"noise_scheduler `prediction_type` must be 'epsilon' or 'v_prediction', got {kind!r}")
+    return F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1), eps_hat
+
+
 def ddpm_prediction_loss(
     unet: torch.nn.Module,
     x0: torch.Tensor,
@@ -137,26 +176,9 @@ def ddpm_prediction_loss(
 
     With ``return_eps=True`` also returns ``(eps_hat, noise)`` where eps_hat is the UNet's epsilon estimate.
     """
-    n = noise_scheduler.config.num_train_timesteps
-    if timesteps is None:
-        gen_device = generator.device if isinstance(generator, torch.Generator) else x0.device
-        timesteps = torch.randint(0, n, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
-    if noise is None:
-        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = noise_scheduler.add_noise(x0, noise, timesteps)
-    out = unet(x_t, timesteps, **cond).sample
-    out = out[:, : x0.shape[1]]
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target, eps_hat = noise, out
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(x0, noise, timesteps)
-        abar = noise_scheduler.alphas_cumprod.to(x0.device)[timesteps].view(-1, 1, 1, 1).to(x0.dtype)
-        eps_hat = abar.sqrt() * out + (1 - abar).sqrt() * x_t
-    else:
-        raise ValueError(f"noise_scheduler `prediction_type` must be 'epsilon' or 'v_prediction', got {kind!r}")
-    loss = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1).mean()
-    return (loss, eps_hat, noise) if return_eps else loss
+    batch = ddpm_noisy_batch(x0, noise_scheduler, timesteps, noise, generator)
+    per_sample, eps_hat = ddpm_terms(unet(batch.x_t, batch.time, **cond).sample, batch, noise_scheduler)
+    return (per_sample.mean(), eps_hat, batch.noise) if return_eps else per_sample.mean()
 
 
 @dataclass
@@ -179,6 +201,8 @@ class MSGMLoss:
         forget_every (`int`): compute the forget term on steps with ``step % forget_every == 0`` (official: 4).
         eps, reduce_mean, likelihood_weighting: as in ``denoising_score_matching_loss`` (the weighting applies to
             the retain term; the forget terms are unweighted).
+        fuse_batches (`bool`): evaluate retain and forget batches in one forward pass of the concatenated batch
+            (same values as two passes for per-sample normalisations such as GroupNorm; faster).
     """
 
     def __init__(
@@ -190,6 +214,7 @@ class MSGMLoss:
         eps: float = 1e-5,
         reduce_mean: bool = True,
         likelihood_weighting: bool = False,
+        fuse_batches: bool = True,
     ):
         if variant not in FORGET_VARIANTS:
             raise ValueError(f"`variant` must be one of {FORGET_VARIANTS}, got {variant!r}")
@@ -200,18 +225,23 @@ class MSGMLoss:
         self.sde, self.variant = sde, variant
         self.forget_weight, self.forget_every = float(forget_weight), forget_every
         self.eps, self.reduce_mean, self.likelihood_weighting = eps, reduce_mean, likelihood_weighting
+        self.fuse_batches = fuse_batches
 
-    def retain_loss(self, model, x: torch.Tensor, generator=None, **cond) -> torch.Tensor:
-        return denoising_score_matching_loss(
-            model, x, self.sde, eps=self.eps, reduce_mean=self.reduce_mean,
-            likelihood_weighting=self.likelihood_weighting, generator=generator, **cond,
-        )
+    # the four pieces a subclass may change -------------------------------------------------------------
+    def noisy(self, model, x0: torch.Tensor, generator) -> NoisyBatch:
+        return NoisyBatch(x0, *perturb(x0, self.sde or model.sde, eps=self.eps, generator=generator))
 
-    def forget_loss(self, model, x: torch.Tensor, generator=None, **cond) -> torch.Tensor:
-        return msgm_forget_loss(
-            model, x, self.variant, self.sde, eps=self.eps, reduce_mean=self.reduce_mean, generator=generator, **cond
-        )
+    def predict(self, model, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model(x_t, time, **cond).score
 
+    def retain_term(self, model, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        sde = self.sde or model.sde
+        return _dsm_per_sample(out, batch, sde, self.reduce_mean, self.likelihood_weighting).mean()
+
+    def forget_term(self, model, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        return forget_term(-batch.std * out, batch.noise, self.variant, self.reduce_mean).mean()
+
+    # ---------------------------------------------------------------------------------------------------
     def __call__(
         self,
         model,
@@ -222,12 +252,23 @@ class MSGMLoss:
         retain_cond: dict | None = None,
         forget_cond: dict | None = None,
     ) -> MSGMLossOutput:
-        retain = self.retain_loss(model, x_retain, generator, **(retain_cond or {}))
         w = self.forget_weight
-        if x_forget is not None and step % self.forget_every == 0:
-            forget = self.forget_loss(model, x_forget, generator, **(forget_cond or {}))
-            return MSGMLossOutput((1 - w) * retain + w * forget, retain.detach(), forget.detach(), True)
-        return MSGMLossOutput((1 - w) * retain, retain.detach(), torch.zeros_like(retain.detach()), False)
+        retain_batch = self.noisy(model, x_retain, generator)
+        if x_forget is None or step % self.forget_every != 0:
+            retain = self.retain_term(model, self.predict(model, retain_batch.x_t, retain_batch.time,
+                                                          retain_cond or {}), retain_batch)
+            return MSGMLossOutput((1 - w) * retain, retain.detach(), torch.zeros_like(retain.detach()), False)
+        forget_batch = self.noisy(model, x_forget, generator)
+        if self.fuse_batches and not retain_cond and not forget_cond:
+            out = self.predict(model, torch.cat([retain_batch.x_t, forget_batch.x_t]),
+                               torch.cat([retain_batch.time, forget_batch.time]), {})
+            out_retain, out_forget = out.split([x_retain.shape[0], x_forget.shape[0]])
+        else:
+            out_retain = self.predict(model, retain_batch.x_t, retain_batch.time, retain_cond or {})
+            out_forget = self.predict(model, forget_batch.x_t, forget_batch.time, forget_cond or {})
+        retain = self.retain_term(model, out_retain, retain_batch)
+        forget = self.forget_term(model, out_forget, forget_batch)
+        return MSGMLossOutput((1 - w) * retain + w * forget, retain.detach(), forget.detach(), True)
 
 
 class DDPMMSGMLoss(MSGMLoss):
@@ -237,15 +278,19 @@ class DDPMMSGMLoss(MSGMLoss):
     """
 
     def __init__(self, noise_scheduler, variant: str = "orthogonal", forget_weight: float = 0.01, forget_every: int = 1,
-                 reduce_mean: bool = True):
-        super().__init__(None, variant, forget_weight, forget_every, reduce_mean=reduce_mean)
+                 reduce_mean: bool = True, fuse_batches: bool = True):
+        super().__init__(None, variant, forget_weight, forget_every, reduce_mean=reduce_mean, fuse_batches=fuse_batches)
         self.noise_scheduler = noise_scheduler
 
-    def retain_loss(self, model, x, generator=None, **cond):
-        return ddpm_prediction_loss(model, x, self.noise_scheduler, generator=generator, **cond)
+    def noisy(self, model, x0, generator):
+        return ddpm_noisy_batch(x0, self.noise_scheduler, generator=generator)
 
-    def forget_loss(self, model, x, generator=None, **cond):
-        _, eps_hat, noise = ddpm_prediction_loss(
-            model, x, self.noise_scheduler, generator=generator, return_eps=True, **cond
-        )
-        return forget_term(eps_hat, noise, self.variant, self.reduce_mean).mean()
+    def predict(self, model, x_t, time, cond):
+        return model(x_t, time, **cond).sample
+
+    def retain_term(self, model, out, batch):
+        return ddpm_terms(out, batch, self.noise_scheduler)[0].mean()
+
+    def forget_term(self, model, out, batch):
+        eps_hat = ddpm_terms(out, batch, self.noise_scheduler)[1]
+        return forget_term(eps_hat, batch.noise, self.variant, self.reduce_mean).mean()

@@ -181,3 +181,18 @@ def test_ddpm_loss_in_epsilon_space(prediction_type):
 def test_perturb_rejects_mismatched_noise():
     with pytest.raises(ValueError, match="noise"):
         perturb(torch.zeros(2, 1, 4, 4), VPSDE(), noise=torch.zeros(2, 1, 4, 5))
+
+
+@pytest.mark.parametrize("loss_cls", ["continuous", "ddpm"])
+def test_fused_forward_equals_two_passes(loss_cls):
+    model, x_r, _, x_f = _model_and_data(3)
+    if loss_cls == "continuous":
+        make = lambda fuse: MSGMLoss(model.sde, "obtuse", 0.3, fuse_batches=fuse)  # noqa: E731
+        target = model
+    else:
+        make = lambda fuse: DDPMMSGMLoss(DDPMScheduler(), "orthogonal", 0.3, fuse_batches=fuse)  # noqa: E731
+        target = model.unet
+    fused = make(True)(target, x_r, x_f[:2], generator=torch.Generator().manual_seed(0))
+    split = make(False)(target, x_r, x_f[:2], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fused.loss, split.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.forget_loss, split.forget_loss, rtol=1e-5, atol=1e-6)

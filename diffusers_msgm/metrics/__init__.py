@@ -1,0 +1,13 @@
+"""Evaluation metrics: the image classifier and the undesirable-generation rate (UGR)."""
+
+from .classifier import ImageClassifier, images_to_tensor, predict, random_shift, train_classifier
+from .ugr import undesirable_generation_rate
+
+__all__ = [
+    "ImageClassifier",
+    "images_to_tensor",
+    "predict",
+    "random_shift",
+    "train_classifier",
+    "undesirable_generation_rate",
+]

@@ -1,0 +1,39 @@
+"""Load a :class:`ScoreModel` from whatever a user points at: our pipeline or model dirs, or stock diffusers ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..hub import resolve_pretrained_dir
+from .conversion import score_model_from_diffusers_pipeline
+from .score_model import ScoreModel
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_score_model(pretrained_model_name_or_path: str | os.PathLike, allow_pickle: bool = False, **hub_kwargs: Any) -> ScoreModel:
+    """Load from a local directory or Hub repo id holding one of:
+
+    * an ``MSGMPipeline`` (``model_index.json`` naming ``MSGMPipeline``) -> its ``score_model/``;
+    * a ``ScoreModel`` (``config.json`` with ``_class_name: ScoreModel``);
+    * a stock ``DDPMPipeline`` / ``DDIMPipeline`` / ``ScoreSdeVePipeline`` -> converted, see ``conversion.py``.
+    """
+    name = os.fspath(pretrained_model_name_or_path)
+    local = resolve_pretrained_dir(name, **hub_kwargs)
+    index_path, config_path = os.path.join(local, "model_index.json"), os.path.join(local, "config.json")
+    if os.path.isfile(index_path):
+        index = _read_json(index_path)
+        if "score_model" in index:
+            return ScoreModel.from_pretrained(local, subfolder="score_model")
+        return score_model_from_diffusers_pipeline(local, allow_pickle=allow_pickle)
+    if os.path.isfile(config_path) and _read_json(config_path).get("_class_name") == "ScoreModel":
+        return ScoreModel.from_pretrained(local)
+    raise ValueError(
+        f"`pretrained_model_name_or_path` {name!r} holds neither an MSGMPipeline, a ScoreModel nor a stock diffusers "
+        "DDPM/ScoreSdeVe pipeline (no model_index.json, and config.json is not a ScoreModel's)"
+    )
