@@ -43,3 +43,25 @@ __all__ = [
     "project_score",
     "score_model_from_diffusers_pipeline",
 ]
+
+from .moderation_exemplar import (  # noqa: E402
+    ClassifierModeration,
+    ExemplarModeration,
+    NoiseAwareClassifier,
+    train_noise_aware_classifier,
+)
+from .pipelines import (  # noqa: E402
+    MSGMInpaintPipeline,
+    MSGMReconstructionPipeline,
+    MSGMReconstructionPipelineOutput,
+)
+
+__all__ += [
+    "ClassifierModeration",
+    "ExemplarModeration",
+    "MSGMInpaintPipeline",
+    "MSGMReconstructionPipeline",
+    "MSGMReconstructionPipelineOutput",
+    "NoiseAwareClassifier",
+    "train_noise_aware_classifier",
+]

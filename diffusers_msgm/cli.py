@@ -24,7 +24,8 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, choices=["euler_maruyama", "reverse_diffusion", "ode"])
     p.add_argument("--ode_solver", default=None, choices=["euler", "heun"])
     p.add_argument("--corrector", default=None, choices=["langevin", "none"])
-    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid, for viewing")
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of each image, for viewing")
+    p.add_argument("--padding", type=int, default=2, help="grey pixels between images")
     return p
 
 
@@ -51,10 +52,7 @@ def run_sample(argv: list[str]) -> str:
         pipe.scheduler = ModeratedScoreScheduler.from_config(pipe.scheduler.config, **overrides)
     images = pipe(batch_size=args.num_images, num_inference_steps=args.num_inference_steps,
                   generator=torch.Generator().manual_seed(args.seed)).images
-    grid = images_to_grid(images)
-    if args.scale > 1:
-        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), resample=0)
-    save_image_atomic(grid, args.output)
+    save_image_atomic(images_to_grid(images, scale=args.scale, padding=args.padding), args.output)
     print(f"wrote {args.num_images} samples to {args.output}")
     return args.output
 

@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="obtuse", choices=["orthogonal", "orthogonal_cosine", "obtuse",
                                                            "obtuse_official"])
     p.add_argument("--resolution", type=int, default=8)
-    p.add_argument("--pretrain_steps", type=int, default=3000)
+    p.add_argument("--pretrain_steps", type=int, default=2000)
     p.add_argument("--unlearn_steps", type=int, default=300)
-    p.add_argument("--forget_weight", type=float, default=0.5)
+    p.add_argument("--forget_weight", type=float, default=0.1)
     p.add_argument("--forget_every", type=int, default=1)
     p.add_argument("--num_images", type=int, default=256, help="images sampled from each model")
     p.add_argument("--num_inference_steps", type=int, default=100)
@@ -101,8 +101,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     for name, path in (("before", original), ("after", moderated)):
         images = _sample(path, args.num_images, args.num_inference_steps, args.seed)
         report[name] = undesirable_generation_rate(clf, images, [forget_id])
-        grid = images_to_grid(MSGMPipeline.numpy_to_pil(((images[:64] + 1) / 2).permute(0, 2, 3, 1).numpy()))
-        save_image_atomic(grid.resize((grid.width * 4, grid.height * 4), resample=0), os.path.join(out, f"{name}.png"))
+        grid = images_to_grid(((images[:64] + 1) / 2).permute(0, 2, 3, 1).numpy(), scale=4, padding=2)
+        save_image_atomic(grid, os.path.join(out, f"{name}.png"))
     timings["evaluate_seconds"] = time.perf_counter() - start
     report["timings"] = {k: round(v, 1) for k, v in timings.items()}
     with open(os.path.join(out, "report.json"), "w") as f:

@@ -69,7 +69,7 @@ def test_msgm_cli_help_and_sample(tmp_path):
           str(tmp_path / "grid.png"), "--predictor", "ode", "--ode_solver", "heun", "--scale", "2"])
     from PIL import Image
 
-    assert Image.open(tmp_path / "grid.png").size == (32, 32)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 of 8px x2, 2px gaps
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(tmp_path / "m"), "--num_images", "0"])
 

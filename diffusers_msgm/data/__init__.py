@@ -13,13 +13,14 @@ from .builtin import (
     read_idx,
 )
 from .splits import exclude_labels, resolve_label_ids, split_forget_retain
-from .transforms import ImageTransform, make_transform_fn
+from .transforms import IN_MEMORY_LIMIT_BYTES, ImageTransform, make_transform_fn
 
 __all__ = [
     "BUILTIN_DATASETS",
     "DEFAULT_FASHION_MNIST_ROOT",
     "DIGITS_CLASSES",
     "FASHION_MNIST_CLASSES",
+    "IN_MEMORY_LIMIT_BYTES",
     "ImageTransform",
     "arrays_to_dataset",
     "exclude_labels",

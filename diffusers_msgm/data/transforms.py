@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+#: datasets smaller than this (as float32 tensors) are decoded once and kept in memory.
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
 
 class ImageTransform:
     """PIL image -> float tensor ``(channels, resolution, resolution)``.

@@ -17,12 +17,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
 
-from ..data import ImageTransform, make_transform_fn
+from ..data import IN_MEMORY_LIMIT_BYTES, ImageTransform, make_transform_fn
 
 logger = logging.getLogger(__name__)
 
 ImagesLike = Union[torch.Tensor, np.ndarray, Sequence[Image.Image]]
-_IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 #: ``epochs=None`` trains for about this many optimizer steps, within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS] epochs
 #: (sklearn digits: 30 epochs, Fashion-MNIST: 5 epochs at batch size 128).
 AUTO_TARGET_STEPS, AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 2000, 5, 30
@@ -187,7 +186,7 @@ class _TensorSource:
             np.asarray(dataset.select_columns([label_column]).with_format("numpy")[:][label_column]), dtype=torch.long
         )
         self.images: torch.Tensor | None = None
-        if len(dataset) * channels * resolution**2 * 4 <= _IN_MEMORY_LIMIT_BYTES:
+        if len(dataset) * channels * resolution**2 * 4 <= IN_MEMORY_LIMIT_BYTES:
             self.images = torch.cat([self.dataset[i : i + 2048]["input"] for i in range(0, len(dataset), 2048)])
 
     def __len__(self) -> int:

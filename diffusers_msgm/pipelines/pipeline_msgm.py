@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -10,16 +9,13 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from ..hub import pop_hub_kwargs, resolve_pretrained_dir
-from ..models.conversion import score_model_from_diffusers_pipeline
 from ..models.score_model import ScoreModel
 from ..moderation import Moderation
 from ..schedulers.scheduling_moderated_score import ModeratedScoreScheduler
+from .pipeline_utils import MSGMPipelineMixin
 
-OUTPUT_TYPES = ("pil", "np", "pt")
 
-
-class MSGMPipeline(DiffusionPipeline):
+class MSGMPipeline(MSGMPipelineMixin, DiffusionPipeline):
     r"""Sample a (moderated) score-based model by predictor-corrector integration of the reverse SDE.
 
     Args:
@@ -33,42 +29,6 @@ class MSGMPipeline(DiffusionPipeline):
     def __init__(self, score_model: ScoreModel, scheduler: ModeratedScoreScheduler):
         super().__init__()
         self.register_modules(score_model=score_model, scheduler=scheduler)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> MSGMPipeline:
-        """Load from a local directory or a Hub repo id (the snapshot is downloaded first, see diffusers#6563)."""
-        local = resolve_pretrained_dir(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
-        return super().from_pretrained(local, **kwargs)
-
-    @classmethod
-    def from_diffusers_pipeline(
-        cls, pretrained_model_name_or_path: Union[str, os.PathLike], allow_pickle: bool = False, **scheduler_kwargs: Any
-    ) -> MSGMPipeline:
-        """Wrap a stock ``DDPMPipeline`` / ``ScoreSdeVePipeline`` (dir or repo id); ``scheduler_kwargs`` configure
-        the :class:`ModeratedScoreScheduler` (e.g. ``predictor="ode"``)."""
-        score_model = score_model_from_diffusers_pipeline(pretrained_model_name_or_path, allow_pickle=allow_pickle)
-        return cls(score_model, ModeratedScoreScheduler.from_score_model(score_model, **scheduler_kwargs))
-
-    def _check_sde_match(self) -> None:
-        m, s = self.score_model.config, self.scheduler.config
-        keys = ("sde_type", "beta_min", "beta_max") if m.sde_type != "ve" else ("sde_type", "sigma_min", "sigma_max")
-        bad = [k for k in keys if (m[k] != s[k] if k == "sde_type" else abs(float(m[k]) - float(s[k])) > 1e-9)]
-        if bad:
-            raise ValueError(
-                "`scheduler` and `score_model` describe different SDEs ("
-                + ", ".join(f"{k}: {s[k]} vs {m[k]}" for k in bad)
-                + "); build it with ModeratedScoreScheduler.from_score_model(score_model)"
-            )
-
-    def postprocess(self, sample: torch.Tensor, output_type: str):
-        """Map model space to [0, 1] (``centered_data``: [-1, 1] -> [0, 1]) and convert to ``output_type``."""
-        if self.score_model.config.centered_data:
-            sample = sample / 2 + 0.5
-        sample = sample.clamp(0, 1)
-        if output_type == "pt":
-            return sample
-        array = sample.cpu().permute(0, 2, 3, 1).float().numpy()
-        return self.numpy_to_pil(array) if output_type == "pil" else array
 
     @torch.no_grad()
     def __call__(
@@ -101,19 +61,9 @@ class MSGMPipeline(DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): prior sample x_T to start from (shape ``(batch, C, H, W)``).
             model_kwargs: passed to the score model (e.g. ``class_labels``, ``encoder_hidden_states``).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` list has {len(generator)} entries but `batch_size` is {batch_size}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["sample"]
-        unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` {sorted(unknown)} not in {self._callback_tensor_inputs}")
-        self._check_sde_match()
+        tensor_inputs = self.check_call_inputs(
+            output_type, batch_size, generator, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         shape = (batch_size, *self.score_model.sample_shape)
         device, dtype = self._execution_device, self.score_model.dtype
@@ -125,26 +75,12 @@ class MSGMPipeline(DiffusionPipeline):
             sample = latents.to(device=device, dtype=dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        saved_moderation = self.scheduler.moderation
-        if moderation is not None:
-            self.scheduler.moderation = moderation
-        use_corrector = self.scheduler.config.corrector == "langevin"
-        try:
+        with self.moderation_scope(moderation):
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                t_batch = t.expand(batch_size)
-                if use_corrector:
-                    for _ in range(self.scheduler.config.n_corrector_steps):
-                        score = self.score_model(sample, t_batch, **model_kwargs).score
-                        sample = self.scheduler.step_correct(score, t, sample, generator=generator).prev_sample
-                score = self.score_model(sample, t_batch, **model_kwargs).score
-                sample = self.scheduler.step(score, t, sample, generator=generator).prev_sample
+                sample, score = self.pc_update(sample, t, generator, model_kwargs)
                 if callback_on_step_end is not None:
                     local_vars = {"sample": sample, "score": score}
-                    callback_kwargs = {k: local_vars[k] for k in tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    sample = (callback_outputs or {}).get("sample", sample)
-        finally:
-            self.scheduler.moderation = saved_moderation
+                    sample = self.run_step_callback(callback_on_step_end, i, t, tensor_inputs, local_vars)
 
         image = self.postprocess(sample, output_type)
         self.maybe_free_model_hooks()

@@ -17,6 +17,7 @@ import datasets
 import torch
 
 from ..data import (
+    IN_MEMORY_LIMIT_BYTES,
     ImageTransform,
     exclude_labels,
     load_image_dataset,
@@ -27,8 +28,6 @@ from ..data import (
 
 logger = logging.getLogger(__name__)
 
-#: datasets smaller than this (as float32 tensors) are decoded once and kept in memory.
-IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -113,7 +112,6 @@ class TrainingData:
     forget: torch.Tensor | None
     concept: str = ""  # human-readable description of what is forgotten / excluded
     forget_label_ids: list[int] = field(default_factory=list)
-    num_source_images: int = 0
 
 
 def _check_image_column(dataset: datasets.Dataset, column: str) -> None:
@@ -149,7 +147,6 @@ def build_training_data(
             retain=as_torch_dataset(retain_ds, transform, args.image_column),
             forget=to_tensor(forget_ds, transform, args.image_column),
             concept=f"images in {os.path.basename(os.path.normpath(args.forget_dir))}/",
-            num_source_images=len(retain_ds) + len(forget_ds),
         )
     dataset = load_image_dataset(args.dataset_name, split=args.train_split, data_root=args.data_root,
                                  cache_dir=args.cache_dir)
@@ -163,14 +160,11 @@ def build_training_data(
             forget=to_tensor(forget_ds, transform, args.image_column),
             concept=f"{args.dataset_name} classes {', '.join(names)} (label ids {ids})",
             forget_label_ids=ids,
-            num_source_images=len(dataset),
         )
     concept = ""
     ids: list[int] = []
     if exclude:
         ids = resolve_label_ids(dataset, args.label_column, exclude, arg_name="exclude_classes")
         concept = f"{args.dataset_name} classes {', '.join(_class_names(dataset, args.label_column, ids))} excluded"
-        n = len(dataset)
         dataset = exclude_labels(dataset, args.label_column, exclude)
-        return TrainingData(as_torch_dataset(dataset, transform, args.image_column), None, concept, ids, n)
-    return TrainingData(as_torch_dataset(dataset, transform, args.image_column), None, concept, ids, len(dataset))
+    return TrainingData(as_torch_dataset(dataset, transform, args.image_column), None, concept, ids)

@@ -71,7 +71,7 @@ def save_sample_grid(pipeline, path: str, num_images: int, num_inference_steps: 
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=num_images, num_inference_steps=num_inference_steps,
                       generator=torch.Generator().manual_seed(seed), output_type="pil").images
-    save_image_atomic(images_to_grid(images), path)
+    save_image_atomic(images_to_grid(images, scale=4, padding=2), path)
 
 
 def train(
