@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from diffusers import UNet2DModel
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -47,3 +48,10 @@ def write_report(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def tiny_unet(resolution: int, channels: int = 1) -> UNet2DModel:
+    """The tiny UNet2DModel (32, 64, 64) every benchmark uses."""
+    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
+                       up_block_types=("UpBlock2D",) * 3, norm_num_groups=32)

@@ -13,10 +13,9 @@ import os
 import sys
 
 import torch
-from diffusers import UNet2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_malloc_env, machine, time_rounds, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, time_rounds, tiny_unet, write_report  # noqa: E402
 
 from diffusers_msgm import DirectionModeration, ExemplarModeration, ModeratedScoreScheduler, ScoreModel  # noqa: E402
 
@@ -55,9 +54,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     res, bs, n_ex = args.resolution, args.batch_size, args.num_exemplars
-    unet = UNet2DModel(sample_size=res, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
-                       up_block_types=("UpBlock2D",) * 3, norm_num_groups=32)
+    unet = tiny_unet(res)
     model = ScoreModel.from_unet(unet).eval()
     x = torch.randn(bs, 1, res, res)
     exemplars = torch.rand(n_ex, 1, res, res) * 2 - 1

@@ -14,10 +14,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_malloc_env, machine, time_rounds, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, time_rounds, tiny_unet, write_report  # noqa: E402
 
 from diffusers_msgm import MSGMLoss, ScoreModel  # noqa: E402
 
@@ -35,9 +35,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     res, bs = args.resolution, args.batch_size
-    unet = UNet2DModel(sample_size=res, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
-                       up_block_types=("UpBlock2D",) * 3, norm_num_groups=32)
+    unet = tiny_unet(res)
     model = ScoreModel.from_unet(unet)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(bs, 1, res, res) * 2 - 1

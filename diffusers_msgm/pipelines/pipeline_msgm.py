@@ -9,9 +9,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from ..models.score_model import ScoreModel
 from ..moderation import Moderation
-from ..schedulers.scheduling_moderated_score import ModeratedScoreScheduler
 from .pipeline_utils import MSGMPipelineMixin
 
 
@@ -23,12 +21,7 @@ class MSGMPipeline(MSGMPipelineMixin, DiffusionPipeline):
         scheduler ([`ModeratedScoreScheduler`]): sampler for the score model's SDE.
     """
 
-    model_cpu_offload_seq = "score_model"
     _callback_tensor_inputs = ["sample", "score"]
-
-    def __init__(self, score_model: ScoreModel, scheduler: ModeratedScoreScheduler):
-        super().__init__()
-        self.register_modules(score_model=score_model, scheduler=scheduler)
 
     @torch.no_grad()
     def __call__(

@@ -17,9 +17,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from ..models.score_model import ScoreModel
 from ..moderation import Moderation
-from ..schedulers.scheduling_moderated_score import ModeratedScoreScheduler
 from .pipeline_utils import Generator, ImageInput, MSGMPipelineMixin, images_to_tensor, to_model_space
 
 #: mask values >= MASK_THRESHOLD are "known" (kept), the others are inpainted.
@@ -60,12 +58,7 @@ class MSGMInpaintPipeline(MSGMPipelineMixin, DiffusionPipeline):
         scheduler ([`ModeratedScoreScheduler`]): sampler for the score model's SDE (any predictor / corrector).
     """
 
-    model_cpu_offload_seq = "score_model"
     _callback_tensor_inputs = ["sample", "score"]
-
-    def __init__(self, score_model: ScoreModel, scheduler: ModeratedScoreScheduler):
-        super().__init__()
-        self.register_modules(score_model=score_model, scheduler=scheduler)
 
     @torch.no_grad()
     def __call__(

@@ -18,7 +18,6 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.score_model import ScoreModel
 from ..moderation import Moderation
 from ..schedulers.scheduling_moderated_score import ODE_SOLVERS, ModeratedScoreScheduler
 from .pipeline_utils import Generator, ImageInput, MSGMPipelineMixin, images_to_tensor, to_model_space
@@ -55,12 +54,7 @@ class MSGMReconstructionPipeline(MSGMPipelineMixin, DiffusionPipeline):
             replaced by ``"ode"`` for decoding).
     """
 
-    model_cpu_offload_seq = "score_model"
     _callback_tensor_inputs = ["sample"]
-
-    def __init__(self, score_model: ScoreModel, scheduler: ModeratedScoreScheduler):
-        super().__init__()
-        self.register_modules(score_model=score_model, scheduler=scheduler)
 
     def _ode_scheduler(self, ode_solver: str) -> ModeratedScoreScheduler:
         if ode_solver not in ODE_SOLVERS:

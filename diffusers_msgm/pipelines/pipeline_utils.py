@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..hub import pop_hub_kwargs, resolve_pretrained_dir
 from ..models.conversion import score_model_from_diffusers_pipeline
+from ..models.score_model import ScoreModel
 from ..moderation import Moderation
 from ..schedulers.scheduling_moderated_score import ModeratedScoreScheduler
 
@@ -79,7 +80,16 @@ def to_model_space(images01: torch.Tensor, centered_data: bool) -> torch.Tensor:
 
 
 class MSGMPipelineMixin:
-    """Loading, checks and the sampling update shared by ``MSGMPipeline`` and the downstream pipelines."""
+    """Modules, loading, checks and the sampling update shared by ``MSGMPipeline`` and the downstream pipelines.
+
+    Put it before ``DiffusionPipeline`` in the bases; the pipeline's modules are ``score_model`` and ``scheduler``.
+    """
+
+    model_cpu_offload_seq = "score_model"
+
+    def __init__(self, score_model: ScoreModel, scheduler: ModeratedScoreScheduler):
+        super().__init__()
+        self.register_modules(score_model=score_model, scheduler=scheduler)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):

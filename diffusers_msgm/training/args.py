@@ -143,3 +143,10 @@ def check_args(args: argparse.Namespace) -> None:
         candidate = os.path.join(args.output_dir, args.resume_from_checkpoint)
         if not os.path.isdir(candidate):
             raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint directory")
+
+
+def parse_and_check(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv`` when None) and refuse bad values."""
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from ..data import ImageTransform
 from ..models.loading import load_score_model
-from .args import add_data_args, add_model_args, add_training_args, check_args
+from .args import add_data_args, add_model_args, add_training_args, parse_and_check
 from .builders import (
     check_resolution,
     describe,
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    return args
+    return parse_and_check(build_parser(), argv)
 
 
 def main(args: argparse.Namespace) -> dict:

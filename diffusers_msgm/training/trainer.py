@@ -137,55 +137,57 @@ def train(
                     disable=not accelerator.is_local_main_process)
     logs: dict = {}
     start = time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= args.max_train_steps:
-            break
-        model.train()
-        sampler.set_epoch(epoch)
-        offset = skip_batches if epoch == first_epoch else 0
-        epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
-        for batch_index, x in enumerate(epoch_loader, start=offset):
-            micro_step = epoch * len(loader) + batch_index
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            if args.random_flip:
-                x = _random_flip(x, generator)
-            with accelerator.accumulate(model):
-                out = loss_fn(model, x, micro_step, generator)
-                bad = accelerator.gather(torch.tensor([float(not torch.isfinite(out.loss))], device=x.device))
-                if bool(bad.any()):
-                    path = save_checkpoint(accelerator, args.output_dir, global_step, None)
-                    raise FloatingPointError(
-                        f"non-finite loss ({out.loss.item()}) at training step {global_step + 1} (micro-step "
-                        f"{micro_step}); the last good state (step {global_step}) is saved in {path}. Lower "
-                        "--learning_rate or --forget_weight, then --resume_from_checkpoint latest"
-                    )
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": out.loss.detach().item(), "retain_loss": out.retain_loss.item(),
-                    "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-            if out.forget_computed:
-                logs["forget_loss"] = out.forget_loss.item()
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                _validation_grid(args, accelerator, model, ema, make_pipeline, global_step)
+    try:
+        for epoch in range(first_epoch, num_epochs):
             if global_step >= args.max_train_steps:
                 break
-    progress.close()
+            model.train()
+            sampler.set_epoch(epoch)
+            offset = skip_batches if epoch == first_epoch else 0
+            epoch_loader = accelerator.skip_first_batches(loader, offset) if offset else loader
+            for batch_index, x in enumerate(epoch_loader, start=offset):
+                micro_step = epoch * len(loader) + batch_index
+                generator = step_generator(args.seed, micro_step, accelerator.process_index)
+                if args.random_flip:
+                    x = _random_flip(x, generator)
+                with accelerator.accumulate(model):
+                    out = loss_fn(model, x, micro_step, generator)
+                    bad = accelerator.gather(torch.tensor([float(not torch.isfinite(out.loss))], device=x.device))
+                    if bool(bad.any()):
+                        path = save_checkpoint(accelerator, args.output_dir, global_step, None)
+                        raise FloatingPointError(
+                            f"non-finite loss ({out.loss.item()}) at training step {global_step + 1} (micro-step "
+                            f"{micro_step}); the last good state (step {global_step}) is saved in {path}. Lower "
+                            "--learning_rate or --forget_weight, then --resume_from_checkpoint latest"
+                        )
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                if ema is not None:
+                    ema.step(model.parameters())
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": out.loss.detach().item(), "retain_loss": out.retain_loss.item(),
+                        "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                if out.forget_computed:
+                    logs["forget_loss"] = out.forget_loss.item()
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    _validation_grid(args, accelerator, model, ema, make_pipeline, global_step)
+                if global_step >= args.max_train_steps:
+                    break
+    finally:  # close the bar on errors too, so it is not printed again at exit
+        progress.close()
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(model)

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from ..data import ImageTransform
 from ..models.loading import load_score_model
 from ..models.score_model import ScoreModel
-from .args import add_data_args, add_training_args, add_unlearning_args, check_args
+from .args import add_data_args, add_training_args, add_unlearning_args, parse_and_check
 from .builders import check_resolution, describe, make_pipeline, rewrap, trainable_module_and_loss
 from .data import build_training_data, forget_batch
 from .export import export_pipeline
@@ -36,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    return args
+    return parse_and_check(build_parser(), argv)
 
 
 def main(args: argparse.Namespace) -> dict:
