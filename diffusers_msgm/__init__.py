@@ -12,13 +12,26 @@ from .losses import (
 )
 from .models import ScoreModel, ScoreModelOutput, score_model_from_diffusers_pipeline
 from .moderation import DirectionModeration, obtuse_projection, orthogonal_projection, project_score
-from .pipelines import MSGMPipeline
+from .moderation_exemplar import (
+    ClassifierModeration,
+    ExemplarModeration,
+    NoiseAwareClassifier,
+    train_noise_aware_classifier,
+)
+from .pipelines import MSGMInpaintPipeline, MSGMPipeline, MSGMReconstructionPipeline, MSGMReconstructionPipelineOutput
 from .schedulers import ModeratedScoreScheduler, ModeratedScoreSchedulerOutput
 from .sde import SDE, VESDE, VPSDE, SubVPSDE, get_sde
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassifierModeration",
+    "ExemplarModeration",
+    "MSGMInpaintPipeline",
+    "MSGMReconstructionPipeline",
+    "MSGMReconstructionPipelineOutput",
+    "NoiseAwareClassifier",
+    "train_noise_aware_classifier",
     "FORGET_VARIANTS",
     "SDE",
     "VESDE",
@@ -42,26 +55,4 @@ __all__ = [
     "orthogonal_projection",
     "project_score",
     "score_model_from_diffusers_pipeline",
-]
-
-from .moderation_exemplar import (  # noqa: E402
-    ClassifierModeration,
-    ExemplarModeration,
-    NoiseAwareClassifier,
-    train_noise_aware_classifier,
-)
-from .pipelines import (  # noqa: E402
-    MSGMInpaintPipeline,
-    MSGMReconstructionPipeline,
-    MSGMReconstructionPipelineOutput,
-)
-
-__all__ += [
-    "ClassifierModeration",
-    "ExemplarModeration",
-    "MSGMInpaintPipeline",
-    "MSGMReconstructionPipeline",
-    "MSGMReconstructionPipelineOutput",
-    "NoiseAwareClassifier",
-    "train_noise_aware_classifier",
 ]

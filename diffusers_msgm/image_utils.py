@@ -46,6 +46,9 @@ def save_image_atomic(image: Image.Image, path: Union[str, os.PathLike]) -> None
     os.close(fd)
     try:
         image.save(tmp, format=(os.path.splitext(path)[1][1:] or "png").upper().replace("JPG", "JPEG"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

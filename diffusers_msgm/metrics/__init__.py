@@ -11,3 +11,7 @@ __all__ = [
     "train_classifier",
     "undesirable_generation_rate",
 ]
+
+from .fid import MIN_SAMPLES, classifier_fid_kid, frechet_distance, kernel_inception_distance  # noqa: E402
+
+__all__ += ["MIN_SAMPLES", "classifier_fid_kid", "frechet_distance", "kernel_inception_distance"]
