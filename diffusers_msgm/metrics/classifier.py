@@ -135,18 +135,21 @@ def images_to_tensor(images: ImagesLike, resolution: int | None = None, channels
 
 
 @torch.no_grad()
-def predict(classifier: ImageClassifier, images: ImagesLike, batch_size: int = 256) -> torch.Tensor:
-    """Predicted labels ``(B,)`` (int64, on CPU) for images in any form accepted by :func:`images_to_tensor`."""
+def map_batches(classifier: ImageClassifier, images: ImagesLike, fn, batch_size: int = 256) -> list[torch.Tensor]:
+    """``fn(classifier, batch)`` over ``images`` in eval mode (training mode restored), results on CPU."""
     x = images_to_tensor(images, classifier.config.resolution, classifier.config.in_channels)
     was_training = classifier.training
     classifier.eval()
     try:
-        labels = [
-            classifier(x[i : i + batch_size].to(classifier.device, classifier.dtype)).argmax(dim=1).cpu()
-            for i in range(0, len(x), batch_size)
-        ]
+        return [fn(classifier, x[i : i + batch_size].to(classifier.device, classifier.dtype)).cpu()
+                for i in range(0, len(x), batch_size)]
     finally:
         classifier.train(was_training)
+
+
+def predict(classifier: ImageClassifier, images: ImagesLike, batch_size: int = 256) -> torch.Tensor:
+    """Predicted labels ``(B,)`` (int64, on CPU) for images in any form accepted by :func:`images_to_tensor`."""
+    labels = map_batches(classifier, images, lambda clf, x: clf(x).argmax(dim=1), batch_size)
     return torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
 
 

@@ -107,18 +107,10 @@ def kernel_inception_distance(
     return float(np.mean(values)), float(np.std(values))
 
 
-@torch.no_grad()
 def _classifier_features(classifier: Any, images: Any, batch_size: int = 256) -> np.ndarray:
-    from .classifier import images_to_tensor
+    from .classifier import map_batches
 
-    x = images_to_tensor(images, classifier.config.resolution, classifier.config.in_channels)
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        feats = [classifier.features(x[i : i + batch_size].to(classifier.device, classifier.dtype)).double().cpu()
-                 for i in range(0, len(x), batch_size)]
-    finally:
-        classifier.train(was_training)
+    feats = map_batches(classifier, images, lambda clf, x: clf.features(x).double(), batch_size)
     return torch.cat(feats).numpy() if feats else np.empty((0, classifier.config.feature_dim))
 
 

@@ -98,12 +98,7 @@ class MSGMInpaintPipeline(MSGMPipelineMixin, DiffusionPipeline):
         """
         if not isinstance(num_images_per_image, int) or num_images_per_image < 1:
             raise ValueError(f"`num_images_per_image` must be a positive int, got {num_images_per_image!r}")
-        known01 = images_to_tensor(image, name="image")
-        if tuple(known01.shape[1:]) != tuple(self.score_model.sample_shape):
-            raise ValueError(
-                f"`image` has shape (C, H, W)={tuple(known01.shape[1:])} but the score model expects "
-                f"{tuple(self.score_model.sample_shape)}"
-            )
+        known01 = self.image_input(image)
         mask = prepare_mask(mask_image, known01).expand_as(known01)
         batch_size = known01.shape[0] * num_images_per_image
         tensor_inputs = self.check_call_inputs(

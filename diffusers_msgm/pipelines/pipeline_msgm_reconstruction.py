@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..moderation import Moderation
 from ..schedulers.scheduling_moderated_score import ODE_SOLVERS, ModeratedScoreScheduler
-from .pipeline_utils import Generator, ImageInput, MSGMPipelineMixin, images_to_tensor, to_model_space
+from .pipeline_utils import Generator, ImageInput, MSGMPipelineMixin, to_model_space
 
 
 @dataclass
@@ -160,12 +160,7 @@ class MSGMReconstructionPipeline(MSGMPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`perturb_t` must lie in [sampling_eps={eps:g}, T={sde.T:g}), got {perturb_t}")
         if latent_noise_scale < 0:
             raise ValueError(f"`latent_noise_scale` must be >= 0, got {latent_noise_scale}")
-        x01 = images_to_tensor(image, name="image")
-        if tuple(x01.shape[1:]) != tuple(self.score_model.sample_shape):
-            raise ValueError(
-                f"`image` has shape (C, H, W)={tuple(x01.shape[1:])} but the score model expects "
-                f"{tuple(self.score_model.sample_shape)}"
-            )
+        x01 = self.image_input(image)
         self.check_call_inputs(output_type, x01.shape[0], generator)
 
         device, dtype = self._execution_device, self.score_model.dtype

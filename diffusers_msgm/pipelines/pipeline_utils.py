@@ -134,6 +134,16 @@ class MSGMPipelineMixin:
         """Map model space to [0, 1] (``centered_data``: [-1, 1] -> [0, 1]) and convert to ``output_type``."""
         return self.convert_output(self.to_unit_range(sample), output_type)
 
+    def image_input(self, image: ImageInput) -> torch.Tensor:
+        """``image`` as an NCHW tensor in [0, 1], refused unless it matches the score model's sample shape."""
+        x01 = images_to_tensor(image, name="image")
+        if tuple(x01.shape[1:]) != tuple(self.score_model.sample_shape):
+            raise ValueError(
+                f"`image` has shape (C, H, W)={tuple(x01.shape[1:])} but the score model expects "
+                f"{tuple(self.score_model.sample_shape)}"
+            )
+        return x01
+
     def check_call_inputs(
         self,
         output_type: str,
