@@ -22,22 +22,21 @@ def _check_column(dataset: datasets.Dataset, label_column: str) -> None:
         )
 
 
-def resolve_label_ids(
-    dataset: datasets.Dataset,
-    label_column: str,
-    labels: LabelSpec | Sequence[LabelSpec],
+def labels_to_ids(
+    labels: LabelSpec | Sequence[LabelSpec] | None,
+    names: Sequence[str] | None,
     arg_name: str = "labels",
+    no_names_hint: str = "the labels have no class names",
 ) -> list[int]:
-    """Turn ints, digit strings and (case-insensitive) ClassLabel names into unique integer label ids.
+    """Turn ints, digit strings and (case-insensitive) class ``names`` into unique integer label ids.
 
-    Errors are ``ValueError`` naming ``label_column`` or ``arg_name`` (the caller's argument name).
+    With ``names`` the ids are also checked to lie in ``range(len(names))``. Errors are ``ValueError`` naming
+    ``arg_name``; ``no_names_hint`` explains why a name cannot be resolved when ``names`` is None.
     """
-    _check_column(dataset, label_column)
     if isinstance(labels, (str, int, np.integer)):
         labels = [labels]
     if labels is None or len(labels) == 0:
         raise ValueError(f"{arg_name} must name at least one label")
-    names = _class_names(dataset, label_column)
     lookup = {name.strip().lower(): i for i, name in enumerate(names or [])}
     ids: list[int] = []
     for label in labels:
@@ -49,22 +48,35 @@ def resolve_label_ids(
             label_id = int(label.strip())
         elif isinstance(label, str):
             if names is None:
-                raise ValueError(
-                    f"{arg_name} contains the name {label!r}, but column {label_column!r} is not a ClassLabel; "
-                    "give integer label ids"
-                )
+                raise ValueError(f"{arg_name} contains the name {label!r}, but {no_names_hint}; give integer label ids")
             if label.strip().lower() not in lookup:
-                raise ValueError(f"{arg_name} contains unknown class name {label!r}; valid names: {names}")
+                raise ValueError(f"{arg_name} contains unknown class name {label!r}; valid names: {list(names)}")
             label_id = lookup[label.strip().lower()]
         else:
             raise ValueError(f"{arg_name} entries must be ints or strings, got {type(label).__name__}: {label!r}")
         if names is not None and not 0 <= label_id < len(names):
             raise ValueError(
-                f"{arg_name} contains label id {label_id}, out of range for {len(names)} classes; valid names: {names}"
+                f"{arg_name} contains label id {label_id}, out of range for {len(names)} classes; valid names: "
+                f"{list(names)}"
             )
         if label_id not in ids:
             ids.append(label_id)
     return ids
+
+
+def resolve_label_ids(
+    dataset: datasets.Dataset,
+    label_column: str,
+    labels: LabelSpec | Sequence[LabelSpec],
+    arg_name: str = "labels",
+) -> list[int]:
+    """:func:`labels_to_ids` with the class names of ``dataset[label_column]`` (a ``ClassLabel``, if it is one).
+
+    Errors are ``ValueError`` naming ``label_column`` or ``arg_name`` (the caller's argument name).
+    """
+    _check_column(dataset, label_column)
+    return labels_to_ids(labels, _class_names(dataset, label_column), arg_name,
+                         no_names_hint=f"column {label_column!r} is not a ClassLabel")
 
 
 def _label_array(dataset: datasets.Dataset, label_column: str) -> np.ndarray:

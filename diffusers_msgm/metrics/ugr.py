@@ -5,38 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
-import numpy as np
 import torch
 
+from ..data.splits import labels_to_ids
 from .classifier import ImageClassifier, ImagesLike, images_to_tensor
 
 LabelFn = Callable[[torch.Tensor], Any]
-
-
-def _label_ids(
-    forget_labels: Union[int, str, Sequence[Union[int, str]]], class_names: Sequence[str] | None
-) -> list[int]:
-    """Forget labels as unique ints; strings are digit strings or (case-insensitive) class names."""
-    if isinstance(forget_labels, (int, np.integer, str)):
-        forget_labels = [forget_labels]
-    if forget_labels is None or len(forget_labels) == 0:
-        raise ValueError("forget_labels must name at least one class")
-    lookup = {name.strip().lower(): i for i, name in enumerate(class_names or [])}
-    ids: list[int] = []
-    for label in forget_labels:
-        if isinstance(label, (bool, np.bool_)):
-            raise ValueError(f"forget_labels contains a boolean {label!r}; give label ids or class names")
-        if isinstance(label, (int, np.integer)):
-            label_id = int(label)
-        elif isinstance(label, str) and label.strip().lower() in lookup:
-            label_id = lookup[label.strip().lower()]
-        elif isinstance(label, str) and label.strip().lstrip("-").isdigit():
-            label_id = int(label.strip())
-        else:
-            raise ValueError(f"forget_labels contains unknown class {label!r}; class names: {class_names}")
-        if label_id not in ids:
-            ids.append(label_id)
-    return ids
 
 
 def _to_labels(output: Any, batch: int) -> tuple[torch.Tensor, int | None]:
@@ -99,7 +73,8 @@ def undesirable_generation_rate(
         x = images_to_tensor(images)
     if len(x) == 0:
         raise ValueError("images is empty: the UGR of no images is undefined")
-    ids = _label_ids(forget_labels, model.config.class_names if model is not None else None)
+    ids = labels_to_ids(forget_labels, model.config.class_names if model is not None else None, "forget_labels",
+                        no_names_hint="the classifier has no class names")
     if num_classes is not None:
         _check_ids(ids, num_classes)
 
