@@ -4,6 +4,7 @@
     msgm sample --model DIR ...     # sample a (moderated) pipeline into a PNG grid
     msgm train  [train_score flags] # = accelerate launch training/train_score.py
     msgm unlearn [unlearn flags]    # = accelerate launch training/unlearn.py
+    msgm evaluate --model DIR ...   # UGR, FID/KID, bits/dim -> report.json, report.md, sample grids
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SUBCOMMANDS = ("demo", "sample", "train", "unlearn")
+SUBCOMMANDS = ("demo", "sample", "train", "unlearn", "evaluate")
 
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         demo_main(rest)
     elif command == "sample":
         run_sample(rest)
+    elif command == "evaluate":
+        from .cli_evaluate import main as evaluate_main
+
+        evaluate_main(rest)
     elif command == "train":
         from .training import train_score
 
