@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import time
@@ -91,6 +92,13 @@ def _done(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
 
 
+def _card_seconds(path: str) -> float | None:
+    """The "training seconds" fact of a reused model's card (None when absent)."""
+    card = os.path.join(path, "README.md")
+    found = re.search(r"training seconds\W+([0-9.]+)", open(card).read()) if os.path.isfile(card) else None
+    return float(found.group(1)) if found else None
+
+
 def train_models(args: argparse.Namespace) -> dict[str, dict]:
     """Train (or reuse) every model; returns {name: {"path", "steps", "seconds"}}."""
     common = ["--dataset_name", str(args.dataset), "--resolution", str(args.resolution), "--seed", str(args.seed),
@@ -102,7 +110,7 @@ def train_models(args: argparse.Namespace) -> dict[str, dict]:
 
     def run(name: str, script, flags: list[str], steps: int) -> None:
         path = os.path.join(out, name.replace(" ", "_").replace("(", "").replace(")", ""))
-        seconds = None
+        seconds = _card_seconds(path) if args.reuse and _done(path) else None
         if not (args.reuse and _done(path)):
             print(f"[{time.strftime('%H:%M:%S')}] training {name}: {steps} steps", flush=True)
             result = script.main(script.parse_args(common + ["--output_dir", path, "--max_train_steps", str(steps),

@@ -1,5 +1,6 @@
 """diffusers-msgm: find, remove and verify what a diffusion model should not generate (MSGM, ICCV 2025)."""
 
+from .hub import register_with_diffusers_loader
 from .losses import (
     FORGET_VARIANTS,
     DDPMMSGMLoss,
@@ -21,6 +22,9 @@ from .moderation_exemplar import (
 from .pipelines import MSGMInpaintPipeline, MSGMPipeline, MSGMReconstructionPipeline, MSGMReconstructionPipelineOutput
 from .schedulers import ModeratedScoreScheduler, ModeratedScoreSchedulerOutput
 from .sde import SDE, VESDE, VPSDE, SubVPSDE, get_sde
+
+# lets DiffusionPipeline.from_pretrained(repo_id, custom_pipeline=...) resolve our component modules (hub.py)
+register_with_diffusers_loader()
 
 __version__ = "0.1.0"
 

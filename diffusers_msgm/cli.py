@@ -5,6 +5,7 @@
     msgm train  [train_score flags] # = accelerate launch training/train_score.py
     msgm unlearn [unlearn flags]    # = accelerate launch training/unlearn.py
     msgm evaluate --model DIR ...   # UGR, FID/KID, bits/dim -> report.json, report.md, sample grids
+    msgm audit --before A --after B --forget ...  # UGR, memorisation, attribution mass: before vs after
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SUBCOMMANDS = ("demo", "sample", "train", "unlearn", "evaluate")
+SUBCOMMANDS = ("demo", "sample", "train", "unlearn", "evaluate", "audit")
 
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         from .cli_evaluate import main as evaluate_main
 
         evaluate_main(rest)
+    elif command == "audit":
+        from .audit.cli import main as audit_main
+
+        audit_main(rest)
     elif command == "train":
         from .training import train_score
 

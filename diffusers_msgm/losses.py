@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sde import SDE
@@ -135,7 +136,13 @@ def msgm_forget_loss(
     return forget_term(eps_hat, noise, variant, reduce_mean).mean()
 
 
-def ddpm_noisy_batch(x0, noise_scheduler, timesteps=None, noise=None, generator=None) -> NoisyBatch:
+def ddpm_noisy_batch(
+    x0: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> NoisyBatch:
     """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps at integer ``timesteps`` (uniform when not given)."""
     n = noise_scheduler.config.num_train_timesteps
     if timesteps is None:
@@ -146,7 +153,9 @@ def ddpm_noisy_batch(x0, noise_scheduler, timesteps=None, noise=None, generator=
     return NoisyBatch(x0, noise_scheduler.add_noise(x0, noise, timesteps), timesteps, noise)
 
 
-def ddpm_terms(out: torch.Tensor, batch: NoisyBatch, noise_scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+def ddpm_terms(
+    out: torch.Tensor, batch: NoisyBatch, noise_scheduler: DDPMScheduler
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``||out - target||^2`` (target eps or v) and the UNet's epsilon estimate eps_hat."""
     out = out[:, : batch.x0.shape[1]]
     kind = noise_scheduler.config.prediction_type
@@ -164,14 +173,14 @@ def ddpm_terms(out: torch.Tensor, batch: NoisyBatch, noise_scheduler) -> tuple[t
 def ddpm_prediction_loss(
     unet: torch.nn.Module,
     x0: torch.Tensor,
-    noise_scheduler,
+    noise_scheduler: DDPMScheduler,
     *,
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_eps: bool = False,
     **cond: Any,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Discrete DDPM loss ||out - target||^2 (target eps or v, per the scheduler's ``prediction_type``).
 
     With ``return_eps=True`` also returns ``(eps_hat, noise)`` where eps_hat is the UNet's epsilon estimate.
@@ -228,17 +237,21 @@ class MSGMLoss:
         self.fuse_batches = fuse_batches
 
     # the four pieces a subclass may change -------------------------------------------------------------
-    def noisy(self, model, x0: torch.Tensor, generator) -> NoisyBatch:
+    def noisy(self, model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None) -> NoisyBatch:
+        """Perturb ``x0`` along the SDE: x_t = alpha_t x0 + sigma_t z at t ~ U(eps, T)."""
         return NoisyBatch(x0, *perturb(x0, self.sde or model.sde, eps=self.eps, generator=generator))
 
-    def predict(self, model, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The model output the terms are computed from (here the score s(x_t, t))."""
         return model(x_t, time, **cond).score
 
-    def retain_term(self, model, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+    def retain_term(self, model: torch.nn.Module, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """Denoising score matching on the retained batch, averaged."""
         sde = self.sde or model.sde
         return _dsm_per_sample(out, batch, sde, self.reduce_mean, self.likelihood_weighting).mean()
 
-    def forget_term(self, model, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+    def forget_term(self, model: torch.nn.Module, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """The MSGM term on the undesirable batch with eps_hat = -sigma_t s, averaged."""
         return forget_term(-batch.std * out, batch.noise, self.variant, self.reduce_mean).mean()
 
     # ---------------------------------------------------------------------------------------------------
@@ -252,6 +265,9 @@ class MSGMLoss:
         retain_cond: dict | None = None,
         forget_cond: dict | None = None,
     ) -> MSGMLossOutput:
+        for name, x in (("x_retain", x_retain), ("x_forget", x_forget)):
+            if x is not None and x.shape[0] == 0:
+                raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
         w = self.forget_weight
         retain_batch = self.noisy(model, x_retain, generator)
         if x_forget is None or step % self.forget_every != 0:
@@ -277,20 +293,24 @@ class DDPMMSGMLoss(MSGMLoss):
     Retained data: the usual ``||out - target||^2``; undesirable data: ``forget_term(eps_hat, eps, variant)``.
     """
 
-    def __init__(self, noise_scheduler, variant: str = "orthogonal", forget_weight: float = 0.01, forget_every: int = 1,
+    def __init__(self, noise_scheduler: DDPMScheduler, variant: str = "orthogonal", forget_weight: float = 0.01, forget_every: int = 1,
                  reduce_mean: bool = True, fuse_batches: bool = True):
         super().__init__(None, variant, forget_weight, forget_every, reduce_mean=reduce_mean, fuse_batches=fuse_batches)
         self.noise_scheduler = noise_scheduler
 
-    def noisy(self, model, x0, generator):
+    def noisy(self, model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator | None) -> NoisyBatch:
+        """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps at uniform integer timesteps."""
         return ddpm_noisy_batch(x0, self.noise_scheduler, generator=generator)
 
-    def predict(self, model, x_t, time, cond):
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The UNet output (epsilon or v)."""
         return model(x_t, time, **cond).sample
 
-    def retain_term(self, model, out, batch):
+    def retain_term(self, model: torch.nn.Module, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """The DDPM loss ``||out - target||^2`` on the retained batch, averaged."""
         return ddpm_terms(out, batch, self.noise_scheduler)[0].mean()
 
-    def forget_term(self, model, out, batch):
+    def forget_term(self, model: torch.nn.Module, out: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
+        """The MSGM term on the UNet's epsilon estimate for the undesirable batch, averaged."""
         eps_hat = ddpm_terms(out, batch, self.noise_scheduler)[1]
         return forget_term(eps_hat, batch.noise, self.variant, self.reduce_mean).mean()

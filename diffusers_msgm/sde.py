@@ -118,24 +118,25 @@ class VPSDE(SDE):
         return {"beta_min": self.beta_min, "beta_max": self.beta_max}
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """beta(t) = beta_min + t (beta_max - beta_min)."""
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2."""
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-    def sde(self, x, t):
+    def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         beta = self.beta(broadcast_time(t, x))
         return -0.5 * beta * x, beta.sqrt()
 
-    def marginal_coefficients(self, t):
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_alpha = self.log_mean_coeff(t)
         return log_alpha.exp(), (-torch.expm1(2 * log_alpha)).sqrt()
 
     def prior_std(self) -> float:
         return 1.0
 
-    def discretize(self, x, t, t_next):
+    def discretize(self, x: torch.Tensor, t: TimeLike, t_next: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact VP transition: x_t = a x_s + sqrt(1 - a^2) z with a = alpha_t / alpha_s."""
         log_a = self.log_mean_coeff(broadcast_time(t, x)) - self.log_mean_coeff(broadcast_time(t_next, x))
         a = log_a.exp()
@@ -145,17 +146,17 @@ class VPSDE(SDE):
 class SubVPSDE(VPSDE):
     """Sub-VP SDE: VP drift, diffusion sqrt(beta(t) (1 - exp(-2 int_0^t beta))) (eq. 34)."""
 
-    def sde(self, x, t):
+    def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         t_b = broadcast_time(t, x)
         beta = self.beta(t_b)
         discount = -torch.expm1(4 * self.log_mean_coeff(t_b))  # 1 - exp(-2 int_0^t beta) = 1 - alpha_t^4
         return -0.5 * beta * x, (beta * discount).sqrt()
 
-    def marginal_coefficients(self, t):
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_alpha = self.log_mean_coeff(t)
         return log_alpha.exp(), -torch.expm1(2 * log_alpha)
 
-    def discretize(self, x, t, t_next):
+    def discretize(self, x: torch.Tensor, t: TimeLike, t_next: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         return SDE.discretize(self, x, t, t_next)
 
 
@@ -176,20 +177,21 @@ class VESDE(SDE):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
-    def sde(self, x, t):
+    def sde(self, x: torch.Tensor, t: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = self.sigma(broadcast_time(t, x))
         diffusion = sigma * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
         return torch.zeros_like(x), diffusion
 
-    def marginal_coefficients(self, t):
+    def marginal_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(t), self.sigma(t)
 
     def prior_std(self) -> float:
         return self.sigma_max
 
-    def discretize(self, x, t, t_next):
+    def discretize(self, x: torch.Tensor, t: TimeLike, t_next: TimeLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact VE transition: variance sigma(t)^2 - sigma(t_next)^2 (sigma(0) = sigma_min)."""
         var = self.sigma(broadcast_time(t, x)) ** 2 - self.sigma(broadcast_time(t_next, x)) ** 2
         return torch.zeros_like(x), var.clamp_min(0).sqrt()

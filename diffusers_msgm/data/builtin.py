@@ -196,11 +196,21 @@ def load_image_dataset(
     path = Path(name).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except IndexError as err:  # datasets cannot reload a saved dataset that has no rows
+                raise ValueError(f"saved dataset {name!r} has no rows") from err
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise ValueError(f"split {split!r} not in saved dataset {name!r}; available: {sorted(loaded)}")
-                return loaded[split]
-            return loaded
+                loaded = loaded[split]
+            return _non_empty(loaded, name, split)
         return load_image_folder(path, split=split, cache_dir=cache_dir)
-    return datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir))
+    loaded = datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir))
+    return _non_empty(loaded, name, split)
+
+
+def _non_empty(dataset: datasets.Dataset, name: str, split: str) -> datasets.Dataset:
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {name!r} (split {split!r}) has no rows")
+    return dataset

@@ -14,6 +14,7 @@ from typing import Any
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from ..hub import resolve_pretrained_dir
+from .file_checks import check_weights_dir
 from .score_model import ScoreModel
 
 DDPM_LIKE_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler", "PNDMScheduler")
@@ -84,6 +85,7 @@ def score_model_from_diffusers_pipeline(
         fields = score_model_config_from_scheduler(json.load(f))
     with open(os.path.join(unet_dir, "config.json")) as f:
         unet_cls = UNet2DConditionModel if json.load(f).get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    check_weights_dir(unet_dir, allow_pickle=allow_pickle)
     unet = unet_cls.from_pretrained(unet_dir, use_safetensors=None if allow_pickle else True)
     sde_type, prediction = fields.pop("sde_type"), fields.pop("prediction_type")
     return ScoreModel.from_unet(unet, sde_type=sde_type, prediction_type=prediction, **fields)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -16,6 +18,24 @@ from ..sde import SDE, SDE_TYPES, get_sde
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def _unpickling_error(err: BaseException) -> str | None:
+    """The last ``pickle.UnpicklingError`` message in ``err``'s chain (diffusers re-raises it as an OSError)."""
+    found, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, pickle.UnpicklingError):
+            found = str(err).strip().splitlines()[0]
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()
 
 
 @dataclass
@@ -113,6 +133,33 @@ class ScoreModel(ModelMixin, ConfigMixin):
         model.unet = unet
         return model
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> ScoreModel:
+        """``ModelMixin.from_pretrained`` that refuses weight files with missing or unexpected tensors (diffusers
+        would leave missing ones randomly initialised). ``output_loading_info=True`` is honoured."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except ValueError as err:
+            if "expected shape" not in str(err):
+                raise
+            raise ValueError(f"the weights in {os.fspath(pretrained_model_name_or_path)} do not fit the architecture "
+                             f"in its config.json: {err}") from err
+        except OSError as err:
+            refusal = _unpickling_error(err)
+            if refusal is None:
+                raise
+            raise ValueError(f"the pickle weights in {os.fspath(pretrained_model_name_or_path)} were refused by "
+                             f"torch.load(weights_only=True), they hold more than tensors: {refusal}") from err
+        missing, unexpected = info.get("missing_keys", []), info.get("unexpected_keys", [])
+        if missing or unexpected:
+            raise ValueError(
+                f"the weights in {os.fspath(pretrained_model_name_or_path)} do not match the ScoreModel config: "
+                f"missing tensors {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}, unexpected tensors "
+                f"{sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            )
+        return (model, info) if want_info else model
+
     # ------------------------------------------------------------------ properties
     @property
     def sde(self) -> SDE:
@@ -128,6 +175,7 @@ class ScoreModel(ModelMixin, ConfigMixin):
 
     @property
     def is_conditional(self) -> bool:
+        """Whether the wrapped UNet is a ``UNet2DConditionModel`` (takes ``encoder_hidden_states``)."""
         return self.config.unet_class == "UNet2DConditionModel"
 
     def time_input(self, t: torch.Tensor) -> torch.Tensor:
@@ -138,19 +186,32 @@ class ScoreModel(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, sample: torch.Tensor, t: Union[float, torch.Tensor]) -> torch.Tensor:
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"`sample` must be a torch.Tensor, got {type(sample).__name__}")
         if sample.ndim != 4:
             raise ValueError(f"`sample` must have shape (batch, channels, height, width), got {tuple(sample.shape)}")
         if sample.shape[1] != self.unet.config.in_channels:
             raise ValueError(
                 f"`sample` has {sample.shape[1]} channels but the UNet expects {self.unet.config.in_channels}"
             )
+        model_device, model_dtype = self.device, self.dtype
+        if model_device.type != "meta" and sample.device != model_device:  # meta: offloaded, the hooks move weights
+            raise ValueError(f"`sample` is on {sample.device} but the score model is on {model_device}; "
+                             "move one of them (`sample.to(model.device)`)")
+        if not sample.is_floating_point() or (sample.dtype != model_dtype and not _autocast_on(sample.device)):
+            raise TypeError(f"`sample` has dtype {sample.dtype} but the score model's weights are {model_dtype}; "
+                            "cast it with `sample.to(model.dtype)`")
         t = torch.as_tensor(t, device=sample.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(sample.shape[0])
         if t.ndim != 1 or t.shape[0] != sample.shape[0]:
             raise ValueError(f"`t` must be a float or have shape (batch,)=({sample.shape[0]},), got {tuple(t.shape)}")
-        if bool(((t <= 0) | (t > self._sde.T)).any()):
+        t_bad, sample_bad = torch.stack([(~torch.isfinite(t) | (t <= 0) | (t > self._sde.T)).any(),
+                                         ~torch.isfinite(sample).all()]).tolist()  # one device sync for both
+        if t_bad:
             raise ValueError(f"`t` must lie in (0, {self._sde.T}], got values in [{t.min():.3g}, {t.max():.3g}]")
+        if sample_bad:
+            raise ValueError("`sample` has non-finite values (NaN or Inf)")
         return t
 
     def forward(

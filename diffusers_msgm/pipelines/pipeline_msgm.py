@@ -64,6 +64,8 @@ class MSGMPipeline(MSGMPipelineMixin, DiffusionPipeline):
             sample = self.scheduler.sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+        elif not bool(torch.isfinite(latents).all()):
+            raise ValueError("`latents` has non-finite values (NaN or Inf)")
         else:
             sample = latents.to(device=device, dtype=dtype)
 

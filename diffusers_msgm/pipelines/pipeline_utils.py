@@ -14,11 +14,13 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
 
 from ..hub import pop_hub_kwargs, resolve_pretrained_dir
 from ..models.conversion import score_model_from_diffusers_pipeline
+from ..models.file_checks import check_score_model_dir
 from ..models.score_model import ScoreModel
 from ..moderation import Moderation
 from ..schedulers.scheduling_moderated_score import ModeratedScoreScheduler
@@ -92,15 +94,26 @@ class MSGMPipelineMixin:
         self.register_modules(score_model=score_model, scheduler=scheduler)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any):
-        """Load from a local directory or a Hub repo id (the snapshot is downloaded first, see diffusers#6563)."""
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Union[str, os.PathLike], allow_pickle: bool = False, **kwargs: Any
+    ) -> DiffusionPipeline:
+        """Load from a local directory or a Hub repo id (the snapshot is downloaded first, see diffusers#6563).
+
+        The ``score_model/`` folder is checked first (``models/file_checks.py``): its config must have exactly the
+        ScoreModel fields, its safetensors must be intact, and pickle-only (``.bin``) weights are refused unless
+        ``allow_pickle=True`` (then loaded with ``torch.load(weights_only=True)``).
+        """
         local = resolve_pretrained_dir(pretrained_model_name_or_path, **pop_hub_kwargs(kwargs))
+        score_dir = os.path.join(local, "score_model")
+        if os.path.isdir(score_dir) and "score_model" not in kwargs:
+            check_score_model_dir(score_dir, allow_pickle=allow_pickle)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         return super().from_pretrained(local, **kwargs)
 
     @classmethod
     def from_diffusers_pipeline(
         cls, pretrained_model_name_or_path: Union[str, os.PathLike], allow_pickle: bool = False, **scheduler_kwargs: Any
-    ):
+    ) -> DiffusionPipeline:
         """Wrap a stock ``DDPMPipeline`` / ``ScoreSdeVePipeline`` (dir or repo id); ``scheduler_kwargs`` configure
         the :class:`ModeratedScoreScheduler` (e.g. ``predictor="ode"``)."""
         score_model = score_model_from_diffusers_pipeline(pretrained_model_name_or_path, allow_pickle=allow_pickle)
@@ -123,14 +136,14 @@ class MSGMPipelineMixin:
             sample = sample / 2 + 0.5
         return sample.clamp(0, 1)
 
-    def convert_output(self, images01: torch.Tensor, output_type: str):
+    def convert_output(self, images01: torch.Tensor, output_type: str) -> Union[torch.Tensor, np.ndarray, list[Image.Image]]:
         """NCHW images in [0, 1] -> ``output_type`` (``"pt"`` as is, ``"np"`` NHWC float, ``"pil"``)."""
         if output_type == "pt":
             return images01
         array = images01.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(array) if output_type == "pil" else array
 
-    def postprocess(self, sample: torch.Tensor, output_type: str):
+    def postprocess(self, sample: torch.Tensor, output_type: str) -> Union[torch.Tensor, np.ndarray, list[Image.Image]]:
         """Map model space to [0, 1] (``centered_data``: [-1, 1] -> [0, 1]) and convert to ``output_type``."""
         return self.convert_output(self.to_unit_range(sample), output_type)
 

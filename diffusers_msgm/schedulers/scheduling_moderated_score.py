@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -24,6 +24,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..moderation import Moderation, apply_moderation
 from ..sde import SDE, SDE_TYPES, broadcast_time, get_sde
+
+if TYPE_CHECKING:
+    from ..models.score_model import ScoreModel
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ode")
 ODE_SOLVERS = ("euler", "heun")
@@ -111,7 +114,7 @@ class ModeratedScoreScheduler(SchedulerMixin, ConfigMixin):
         self._heun_state: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_score_model(cls, score_model, **kwargs) -> ModeratedScoreScheduler:
+    def from_score_model(cls, score_model: ScoreModel, **kwargs: Any) -> ModeratedScoreScheduler:
         """A scheduler for the SDE of ``score_model`` (a :class:`ScoreModel`); ``kwargs`` set the other options."""
         cfg = score_model.config
         sde_kwargs = {k: cfg[k] for k in ("sde_type", "beta_min", "beta_max", "sigma_min", "sigma_max")}
@@ -120,10 +123,12 @@ class ModeratedScoreScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ grid
     @property
     def uses_heun(self) -> bool:
+        """Whether a step is Heun's (probability-flow ODE with ``ode_solver="heun"``: two score evaluations)."""
         return self.config.predictor == "ode" and self.config.ode_solver == "heun"
 
     @property
     def order(self) -> int:
+        """Score evaluations per step, as diffusers schedulers report it (2 for Heun, else 1)."""
         return 2 if self.uses_heun else 1
 
     @property
@@ -249,7 +254,7 @@ class ModeratedScoreScheduler(SchedulerMixin, ConfigMixin):
         mean, std = self.sde.marginal_prob(original_samples, timesteps)
         return mean + std * noise
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor] | None = None):
+    def scale_model_input(self, sample: torch.Tensor, timestep: Union[float, torch.Tensor] | None = None) -> torch.Tensor:
         """Identity: the score model takes the sample unscaled."""
         return sample
 

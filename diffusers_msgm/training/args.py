@@ -149,4 +149,5 @@ def parse_and_check(parser: argparse.ArgumentParser, argv: list[str] | None = No
     """Parse ``argv`` (``sys.argv`` when None) and refuse bad values."""
     args = parser.parse_args(argv)
     check_args(args)
+    args.command_argv = None if argv is None else list(argv)  # for the model card's exact command
     return args

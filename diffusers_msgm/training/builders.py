@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -64,7 +65,8 @@ def rewrap(model: ScoreModel, unet: torch.nn.Module) -> ScoreModel:
 
 
 def trainable_module_and_loss(model: ScoreModel, args: argparse.Namespace, variant: str = "orthogonal",
-                              forget_weight: float = 0.0, forget_every: int = 1):
+                              forget_weight: float = 0.0, forget_every: int = 1,
+                              ) -> tuple[torch.nn.Module, MSGMLoss, Callable[[torch.nn.Module], MSGMPipeline]]:
     """``(module to optimise, loss object, module -> MSGMPipeline)``.
 
     Continuous time: the ScoreModel with ``MSGMLoss``. ``--discrete_ddpm``: its UNet with ``DDPMMSGMLoss`` (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from diffusers.utils.hub_utils import populate_model_card
@@ -12,9 +13,38 @@ from huggingface_hub import ModelCard, ModelCardData
 TAGS = ["diffusers-msgm", "msgm", "machine-unlearning", "score-based-generative-models", "unconditional-image-generation"]
 
 
-def command_line() -> str:
-    """The command that is running, quoted so it can be pasted back into a shell."""
-    return " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv])
+#: flags whose value must never reach a model card (cards are pushed to the Hub with the model)
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redact_secrets(words: Sequence[str]) -> list[str]:
+    """``words`` with the values of :data:`SECRET_FLAGS` (``--hub_token X`` or ``--hub_token=X``) replaced by ``***``."""
+    out: list[str] = []
+    hide_next = False
+    for word in words:
+        flag, eq, _ = word.partition("=")
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif flag in SECRET_FLAGS and eq:
+            out.append(f"{flag}=***")
+        else:
+            out.append(word)
+            hide_next = word in SECRET_FLAGS
+    return out
+
+
+def command_line(argv: Sequence[str] | None = None, program: str = "") -> str:
+    """The command that ran, quoted for a shell, secrets redacted: ``program`` + ``argv`` when ``argv`` is given
+    (a script's ``main`` called with its own argument list), else this process's ``sys.argv``."""
+    words = [*program.split(), *argv] if argv is not None else [sys.executable.rsplit("/", 1)[-1], *sys.argv]
+    return " ".join(shlex.quote(a) for a in redact_secrets(words))
+
+
+def training_metrics(last_logs: dict[str, Any]) -> dict[str, float]:
+    """The final logged losses of a run (``loss``, ``retain_loss``, ``forget_loss``) as model-card metrics."""
+    names = {"loss": "final training loss", "retain_loss": "final retain loss", "forget_loss": "final forget loss"}
+    return {label: float(last_logs[key]) for key, label in names.items() if key in last_logs}
 
 
 def _format(value: Any) -> str:

@@ -25,7 +25,7 @@ from .builders import (
 )
 from .data import build_training_data
 from .export import export_pipeline
-from .model_card import build_model_card
+from .model_card import build_model_card, command_line, training_metrics
 from .trainer import make_accelerator, train
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> dict:
         "EMA": args.use_ema,
     }
     card = build_model_card("Score model trained with diffusers-msgm", args.pretrained_model_name_or_path, facts,
-                            repo_id=args.hub_model_id)
+                            metrics=training_metrics(result.last_logs), repo_id=args.hub_model_id,
+                            command=command_line(getattr(args, "command_argv", None), "msgm train"))
     info = export_pipeline(args, accelerator, make_pipeline(final), card)
     accelerator.end_training()
     return {**info, "global_step": result.global_step, "seconds": result.seconds, "last_logs": result.last_logs}

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..image_utils import images_to_grid, save_image_atomic
 from ..losses import MSGMLossOutput
+from ..pipelines.pipeline_msgm import MSGMPipeline
 from .checkpointing import checkpoint_step, resolve_resume_checkpoint, save_checkpoint
 from .data import EpochShuffleSampler, TrainingData, step_generator
 
@@ -67,7 +68,7 @@ def _random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip, x.flip(-1), x)
 
 
-def save_sample_grid(pipeline, path: str, num_images: int, num_inference_steps: int, seed: int) -> None:
+def save_sample_grid(pipeline: MSGMPipeline, path: str, num_images: int, num_inference_steps: int, seed: int) -> None:
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=num_images, num_inference_steps=num_inference_steps,
                       generator=torch.Generator().manual_seed(seed), output_type="pil").images
@@ -213,7 +214,7 @@ def _validation_grid(args, accelerator, model, ema, make_pipeline, step: int) ->
         unwrapped.train()
 
 
-def final_sample_grid(args, pipeline, name: str = "final.png") -> str | None:
+def final_sample_grid(args: argparse.Namespace, pipeline: MSGMPipeline, name: str = "final.png") -> str | None:
     """Sample grid with the final (EMA) weights under ``samples/``."""
     path = os.path.join(args.output_dir, "samples", name)
     save_sample_grid(pipeline, path, args.num_validation_images, args.validation_inference_steps, args.seed)

@@ -19,7 +19,7 @@ from .args import add_data_args, add_training_args, add_unlearning_args, parse_a
 from .builders import check_resolution, describe, make_pipeline, rewrap, trainable_module_and_loss
 from .data import build_training_data, forget_batch
 from .export import export_pipeline
-from .model_card import build_model_card
+from .model_card import build_model_card, command_line, training_metrics
 from .trainer import make_accelerator, train
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def main(args: argparse.Namespace) -> dict:
         "training seconds": round(result.seconds, 1),
         "learning rate": args.learning_rate,
     }
+    metrics = {**training_metrics(result.last_logs), **(getattr(args, "metrics", None) or {})}
     card = build_model_card(f"MSGM-moderated model: {data.concept} removed", args.pretrained_model_name_or_path,
-                            facts, metrics=getattr(args, "metrics", None), repo_id=args.hub_model_id)
+                            facts, metrics=metrics, repo_id=args.hub_model_id,
+                            command=command_line(getattr(args, "command_argv", None), "msgm unlearn"))
     info = export_pipeline(args, accelerator, make_pipeline(final), card)
     accelerator.end_training()
     return {**info, "global_step": result.global_step, "seconds": result.seconds, "last_logs": result.last_logs,
