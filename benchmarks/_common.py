@@ -55,3 +55,11 @@ def tiny_unet(resolution: int, channels: int = 1) -> UNet2DModel:
     return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, layers_per_block=1,
                        block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
                        up_block_types=("UpBlock2D",) * 3, norm_num_groups=32)
+
+
+def save_figure(fig, path: str, dpi: int = 110, **kwargs) -> None:
+    """``fig.savefig`` to a temporary PNG next to ``path``, then rename: a figure on disk is always complete."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path[: -len(".png")] + ".tmp.png" if path.endswith(".png") else path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi, **kwargs)
+    os.replace(tmp, path)

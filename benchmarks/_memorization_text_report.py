@@ -6,7 +6,7 @@ import os
 import sys
 
 import numpy as np
-from _common import write_report
+from _common import save_figure, write_report
 
 
 def _copy_rate(res: dict, name: str) -> float:
@@ -25,10 +25,7 @@ def _command() -> str:
 
 
 def _savefig(fig, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path[:-4] + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def _figures(args, base, filtered, train_d, memorized_images) -> tuple[str, str]:
@@ -111,10 +108,10 @@ def write_outputs(args, base, filtered, train_d, captions, memorized_images, wal
         "",
         f"Pixel-space `UNet2DConditionModel` (32, 64; cross-attention at 4x4) on 8x8 sklearn digits, frozen random "
         f"tiny `CLIPTextModel` (2 layers, width 32, word-level tokenizer, max length 8), DDPM scaled-linear betas "
-        f"(SD's), {args.train_steps} AdamW steps (lr {args.learning_rate}, batch {args.batch_size}), caption dropout "
+        f"(SD's), {args.train_steps} AdamW steps (lr {args.learning_rate}, batch {args.batch_size}, EMA {args.ema_decay}), caption dropout "
         f"{args.caption_dropout}. Training set: {args.normal_per_class} images per digit with a grammar caption "
         f"re-drawn every step (\"a {{adjective}} {{noun}} {{digit}}\", 240 captions) plus {m} memorized images, "
-        f"each duplicated {args.duplicates} times with one fixed caption ending in a unique made-up word "
+        f"each duplicated {args.duplicates} times with one fixed caption starting with a unique made-up word "
         f"(e.g. \"{captions[0]}\"). Detection: DDIM {args.inference_steps} steps, {args.generations} generations "
         f"per prompt, guidance {args.guidance_scale}; positives = the {m} memorized captions, negatives = "
         f"{args.n_normal_prompts} grammar captions. Seed {args.seed}.",

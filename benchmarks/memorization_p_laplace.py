@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_malloc_env, machine, tiny_unet, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, save_figure, tiny_unet, write_report  # noqa: E402
 
 ensure_malloc_env()
 
@@ -41,12 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--n_unique", type=int, default=1000)
     p.add_argument("--n_holdout", type=int, default=100)
-    p.add_argument("--n_eval_unique", type=int, default=200, help="unique training images scored (negatives)")
+    p.add_argument("--n_eval_unique", type=int, default=150, help="unique training images scored (negatives)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n_directions", type=int, default=64)
-    p.add_argument("--settings", default="0.01:1:1,0.05:1:1,0.1:1:1,0.2:1:1,0.1:2:1,0.1:1:0.5",
+    p.add_argument("--settings", default="0.01:1:1,0.05:1:1,0.1:1:1,0.1:2:1,0.1:1:0.5",
                    help="comma-separated t:p:radius_scale")
     p.add_argument("--baseline_times", default="0.01,0.1", help="t values of the DSM-loss baseline")
     p.add_argument("--seed", type=int, default=0)
@@ -130,11 +130,8 @@ def plot(path, rows, best):
     ax_hist.set_title("score histogram (higher = more memorised)", fontsize=10)
     ax_hist.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -3,17 +3,18 @@
 A pixel-space UNet2DConditionModel (8x8 sklearn digits) is trained with a frozen, randomly initialised tiny
 CLIPTextModel (``diffusers_msgm.audit.tiny_text``) and 10% caption dropout. Captions of ordinary images are drawn
 afresh at every step from a grammar ("a {adj} {noun} {digit}"); ``--n_memorized`` images are instead duplicated
-``--duplicates`` times, each with its own fixed caption ending in a unique made-up word (e.g. "a neat digit three
-zorvak"): the setting in which Stable Diffusion memorizes. Then:
+``--duplicates`` times, each with its own fixed caption starting with a unique made-up word (e.g. "zorvak a neat
+digit three"): the setting in which Stable Diffusion memorizes. Then:
 
 * detection: d_t of the memorized captions (positives) vs ``--n_normal_prompts`` grammar captions (negatives):
   AUC and TPR at 1% FPR, for the mean over steps and for the first step only;
 * explanation: how often the unique word gets the largest token significance;
 * inference mitigation (prompt-embedding optimisation) and training mitigation (a second model trained with the
-  per-sample filter; its detection is evaluated on the first step only, to save time): similarity of memorized-prompt generations to the memorized image, before and after, and
-  the digit accuracy of the generations (a logistic-regression judge on the 8x8 digits).
+  per-sample filter; its detection is evaluated on the first step only, to save time): similarity of the
+  memorized captions' generations to the memorized image, before and after, and the digit accuracy of the
+  generations (a logistic-regression judge on the 8x8 digits).
 
-    python benchmarks/memorization_text_conditional.py [--train_steps 700] [--skip_train_mitigation]
+    python benchmarks/memorization_text_conditional.py [--train_steps 900] [--skip_train_mitigation]
 """
 
 from __future__ import annotations
@@ -58,17 +59,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--normal_per_class", type=int, default=30)
     p.add_argument("--n_memorized", type=int, default=20)
     p.add_argument("--duplicates", type=int, default=20)
-    p.add_argument("--n_normal_prompts", type=int, default=200)
-    p.add_argument("--train_steps", type=int, default=700)
+    p.add_argument("--n_normal_prompts", type=int, default=120)
+    p.add_argument("--train_steps", type=int, default=900)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--ema_decay", type=float, default=0.995, help="the evaluated weights are an EMA (with warm-up)")
     p.add_argument("--inference_steps", type=int, default=20)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--mitigation_quantile", type=float, default=0.5,
                    help="inference threshold: this quantile of the normal prompts' first-step d")
-    p.add_argument("--train_threshold_quantile", type=float, default=0.9,
+    p.add_argument("--train_threshold_quantile", type=float, default=0.5,
                    help="training threshold: this quantile of per-sample d of normal training samples (baseline)")
     p.add_argument("--skip_train_mitigation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +94,9 @@ def build_data(args, rng: np.random.Generator):
     tags = set()
     while len(tags) < len(memorized):
         tags.add("".join(rng.choice(SYLLABLES, 2)))
-    captions = [f"a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {DIGITS[labels[i]]} {tag}"
+    # the unique word comes first: with CLIP's causal attention no grammar caption then shares a prefix (and
+    # thus identical conditional embeddings) with a memorized caption
+    captions = [f"{tag} a {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {DIGITS[labels[i]]}"
                 for i, tag in zip(memorized, sorted(tags))]
     return images, labels, np.array(normal), np.array(memorized), captions
 
@@ -153,6 +157,8 @@ def train(args, data: TrainingSet, ddpm, threshold: float | None, seed: int):
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     pool = data.pool(args.duplicates)
     kept = {"normal": [0, 0], "memorized": [0, 0]}
+    params = list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
     start = time.perf_counter()
     for step in range(args.train_steps):
         ids = rng.choice(pool, args.batch_size, replace=False)
@@ -162,11 +168,15 @@ def train(args, data: TrainingSet, ddpm, threshold: float | None, seed: int):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         for name, mask in (("normal", ids >= 0), ("memorized", ids < 0)):
             kept[name][0] += int(out.keep[torch.from_numpy(mask)].sum())
             kept[name][1] += int(mask.sum())
         if (step + 1) % 100 == 0:
             print(f"  step {step + 1}: loss {out.loss.item():.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    with torch.no_grad():
+        torch._foreach_copy_(params, ema)
     return unet.eval(), {k: v[0] / max(v[1], 1) for k, v in kept.items()}, time.perf_counter() - start
 
 
@@ -232,7 +242,7 @@ def evaluate(args, parts, data: TrainingSet, images, labels, captions, normal_pr
         if full:
             sig = token_significance(parts, caption, args.generations, args.inference_steps,
                                      torch.Generator().manual_seed(args.seed + 2 + k))
-            top_is_tag += int(int(sig.grad_norms.argmax()) == len(sig.tokens) - 1)
+            top_is_tag += int(int(sig.grad_norms.argmax()) == 0)
             latents = initial_latents(parts, args.generations, torch.Generator().manual_seed(10_000 + k))
             mit = mitigate_prompt_embeds(parts, latents, mitigate_threshold, prompt_embeds=embeds,
                                          num_inference_steps=args.inference_steps)
@@ -272,7 +282,7 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     images, labels, normal, memorized, captions = build_data(args, rng)
-    words = ADJECTIVES + NOUNS + DIGITS + ["a"] + [c.split()[-1] for c in captions]
+    words = ADJECTIVES + NOUNS + DIGITS + ["a"] + [c.split()[0] for c in captions]
     tokenizer, text_encoder = build_tiny_text_stack(words, model_max_length=8, hidden_size=32, seed=args.seed)
     ddpm, ddim = schedulers()
     judge = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1), labels)

@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from _common import ensure_malloc_env, machine, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, save_figure, write_report  # noqa: E402
 
 from diffusers_msgm.data import load_image_dataset  # noqa: E402
 from diffusers_msgm.evaluation import (  # noqa: E402
@@ -173,11 +173,8 @@ def plot(results: dict[str, dict], path: str, title: str) -> None:
         axes[2].set_ylim(bottom=max(0.0, low - 0.5))
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

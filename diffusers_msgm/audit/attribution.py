@@ -8,7 +8,8 @@ With projected train features Phi (N x k, rows phi_i; ``gradient_features``) and
 where h_i = phi_i^T (Phi^T Phi + lambda I)^-1 phi_i is the leverage of sample i and r_i its residual
 mean_k sqrt(DSM loss at t_k) divided by the mean over the training set (the leave-one-out Newton step of
 Pregibon 1981, mapped through the query's output gradient and squared: the size of the output change). TRAK and
-D-TRAK scores are signed (positive: the sample lowers the query's output function); DAS scores are >= 0.
+D-TRAK scores are signed: positive means training on the sample is predicted to lower the query's loss (exact to
+first order for TRAK's loss output; D-TRAK's output function is a proxy). DAS scores are >= 0.
 """
 
 from __future__ import annotations
