@@ -106,6 +106,16 @@ def run_and_kill(args: list[str], out, kill_at=None, kill_when=None) -> None:
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child not killed: status {status}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run here (reference, killed children, resumes) on one thread: bit-equality across processes needs the
+    same reduction order, and a forked child does not inherit a multi-threaded pool reliably."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
