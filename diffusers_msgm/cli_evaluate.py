@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(shapes.values())) != 1:
         raise SystemExit(f"msgm evaluate: the models generate different image shapes {shapes}; compare like with like")
     channels, resolution, _ = next(iter(shapes.values()))
-    os.makedirs(args.output_dir, exist_ok=True)
     setup = prepare_evaluation(
         args.dataset, args.forget, resolution=resolution, channels=channels, classifier=args.classifier,
         classifier_epochs=args.classifier_epochs, eval_split=args.eval_split, train_split=args.train_split,
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed, num_ref=args.num_ref, bpd_images=args.bpd_images,
         bpd_kwargs={"solver": args.bpd_solver, "num_steps": args.bpd_steps, "eps": 1e-3},
     )
+    os.makedirs(args.output_dir, exist_ok=True)  # only once the inputs are known to be good
     if args.classifier is None:
         setup.classifier.save_pretrained(os.path.join(args.output_dir, "classifier"))
     results = {}
