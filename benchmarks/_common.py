@@ -63,3 +63,22 @@ def save_figure(fig, path: str, dpi: int = 110, **kwargs) -> None:
     tmp = path[: -len(".png")] + ".tmp.png" if path.endswith(".png") else path + ".tmp.png"
     fig.savefig(tmp, dpi=dpi, **kwargs)
     os.replace(tmp, path)
+
+
+def train_dsm(model, images: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int, batch_size: int,
+              generator: torch.Generator, log_every: int = 0) -> list[float]:
+    """Minibatch denoising score matching on an in-memory image tensor; batches and noise come from ``generator``.
+    Returns the loss of every step (printing a running mean every ``log_every`` steps when > 0)."""
+    from diffusers_msgm.losses import denoising_score_matching_loss
+
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        loss = denoising_score_matching_loss(model, images[idx], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"step {step + 1}: loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    return losses

@@ -24,13 +24,12 @@ from diffusers import UNet2DModel
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_malloc_env, machine, save_figure, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, save_figure, train_dsm, write_report  # noqa: E402
 
 from diffusers_msgm import ScoreModel  # noqa: E402
 from diffusers_msgm.audit.attribution import AttributionIndex, images_to_tensor  # noqa: E402
 from diffusers_msgm.audit.gradient_features import OUTPUT_FUNCTIONS, GradientFeaturizer  # noqa: E402
 from diffusers_msgm.data import load_digits_dataset  # noqa: E402
-from diffusers_msgm.losses import denoising_score_matching_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = "D-TRAK paper, CIFAR-2 validation, 10/100 timesteps: D-TRAK 26.79/33.74, TRAK 11.42/23.59"
@@ -48,13 +47,7 @@ def train(images: torch.Tensor, args) -> ScoreModel:
     """Adam on the DSM loss; init, batch order and noise all come from ``args.seed``."""
     model = make_model(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.steps):
-        idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen)
-        loss = denoising_score_matching_loss(model, images[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_dsm(model, images, opt, args.steps, args.batch_size, torch.Generator().manual_seed(args.seed))
     return model.eval()
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_malloc_env, machine, save_figure, tiny_unet, write_report  # noqa: E402
+from _common import ensure_malloc_env, machine, save_figure, tiny_unet, train_dsm, write_report  # noqa: E402
 
 ensure_malloc_env()
 
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from diffusers_msgm import ScoreModel, denoising_score_matching_loss  # noqa: E402
+from diffusers_msgm import ScoreModel  # noqa: E402
 from diffusers_msgm.audit import memorization_scores  # noqa: E402
 from diffusers_msgm.data import ImageTransform, load_digits_dataset  # noqa: E402
 
@@ -79,17 +79,8 @@ def train(args, train_set):
     torch.manual_seed(args.seed)
     model = ScoreModel.from_unet(tiny_unet(8), sde_type="vp", prediction_type="epsilon")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    losses = []
-    for step in range(args.steps):
-        idx = torch.randint(0, train_set.shape[0], (args.batch_size,), generator=gen)
-        loss = denoising_score_matching_loss(model, train_set[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if (step + 1) % 200 == 0:
-            print(f"step {step + 1}: loss {np.mean(losses[-200:]):.4f}", flush=True)
+    losses = train_dsm(model, train_set, opt, args.steps, args.batch_size,
+                       torch.Generator().manual_seed(args.seed + 1), log_every=200)
     return model.eval(), float(np.mean(losses[-100:]))
 
 
