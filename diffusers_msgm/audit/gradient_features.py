@@ -56,21 +56,9 @@ def resolve_timesteps(timesteps: int | Sequence[float] | torch.Tensor, T: float 
 
 
 def eps_from_unet_output(score_model, sample: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """eps_hat = -sigma_t s(x_t, t) from the wrapped UNet's raw output: the conversions of ``ScoreModel.forward``.
-
-    Re-stated here because ``ScoreModel.forward`` validates its inputs with data-dependent checks that
-    ``torch.func.vmap`` cannot trace; ``test_eps_conversion_matches_score_model`` keeps the two in agreement.
-    """
-    alpha, sigma = (c.to(sample.dtype).view(-1, 1, 1, 1) for c in score_model.sde.marginal_coefficients(t))
-    out = out[:, : sample.shape[1]]  # learned variance: keep the mean prediction
-    kind = score_model.config.prediction_type
-    if kind == "epsilon":
-        return out
-    if kind == "v_prediction":
-        return (sigma * sample + alpha * out) / (alpha**2 + sigma**2)
-    if kind == "sample":
-        return (sample - alpha * out) / sigma
-    return -sigma * out  # "score"
+    """eps_hat = -sigma_t s(x_t, t) from the wrapped UNet's raw output (``ScoreModel.epsilon_from_output``, which
+    skips the data-dependent input checks of ``ScoreModel.forward`` that ``torch.func.vmap`` cannot trace)."""
+    return score_model.epsilon_from_output(sample, t, out)
 
 
 def fixed_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:

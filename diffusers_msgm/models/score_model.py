@@ -219,19 +219,25 @@ class ScoreModel(ModelMixin, ConfigMixin):
     ) -> Union[ScoreModelOutput, tuple[torch.Tensor]]:
         """Score at ``(sample, t)``; ``cond`` (e.g. ``encoder_hidden_states``, ``class_labels``) goes to the UNet."""
         t = self._check_inputs(sample, t)
-        alpha, sigma = (c.to(sample.dtype).view(-1, 1, 1, 1) for c in self._sde.marginal_coefficients(t))
         out = self.unet(sample, self.time_input(t).to(sample.dtype), return_dict=False, **cond)[0]
-        if out.shape[1] == 2 * sample.shape[1]:  # learned variance: keep the mean prediction
-            out = out[:, : sample.shape[1]]
-        kind = self.config.prediction_type
-        if kind == "score":
-            score = out
+        if self.config.prediction_type == "score":
+            score = out[:, : sample.shape[1]]
         else:
-            if kind == "epsilon":
-                eps = out
-            elif kind == "v_prediction":
-                eps = (sigma * sample + alpha * out) / (alpha**2 + sigma**2)
-            else:  # "sample"
-                eps = (sample - alpha * out) / sigma
-            score = -eps / sigma
+            sigma = self._sde.marginal_coefficients(t)[1].to(sample.dtype).view(-1, 1, 1, 1)
+            score = -self.epsilon_from_output(sample, t, out) / sigma
         return ScoreModelOutput(score=score) if return_dict else (score,)
+
+    def epsilon_from_output(self, sample: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """eps_hat = -sigma_t s(x_t, t) from the UNet's raw output ``out`` for this model's ``prediction_type``
+        (v: eps = (sigma x + alpha v) / (alpha^2 + sigma^2); sample: eps = (x - alpha x0) / sigma). No input checks,
+        so it can run under ``torch.func.vmap``; a learned-variance output keeps its mean half."""
+        alpha, sigma = (c.to(sample.dtype).view(-1, 1, 1, 1) for c in self._sde.marginal_coefficients(t))
+        out = out[:, : sample.shape[1]]
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return out
+        if kind == "v_prediction":
+            return (sigma * sample + alpha * out) / (alpha**2 + sigma**2)
+        if kind == "sample":
+            return (sample - alpha * out) / sigma
+        return -sigma * out  # "score"
